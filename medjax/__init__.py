@@ -1,0 +1,3 @@
+"""medjax: JAX/Flax CNNs for medical image classification."""
+
+__version__ = "0.1.0"
