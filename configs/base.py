@@ -15,59 +15,59 @@ from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns the main-job configuration."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+    """Returns the main-job configuration."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = 'medical_mnist'
-  # Folder holding `medical_mnist/` (class folders or MedNIST.tar.gz). Unset: $MEDJAX_MANUAL_DIR, else download.
-  config.data.manual_dir = config_dict.placeholder(str)
-  # Where prepared TFDS data lives. Unset: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
-  config.data.tfds_dir = config_dict.placeholder(str)
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.test_split = 'test'
-  # Use only the first N training examples of a seeded permutation (-1: all of them).
-  config.data.num_train_examples = -1
-  # Pixel normalisation applied inside the jitted step: (x / 255 - mean) / std.
-  config.data.mean = 0.5
-  config.data.std = 0.25
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "medical_mnist"
+    # Folder holding `medical_mnist/` (class folders or MedNIST.tar.gz). Unset: $MEDJAX_MANUAL_DIR, else download.
+    config.data.manual_dir = config_dict.placeholder(str)
+    # Where prepared TFDS data lives. Unset: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    config.data.tfds_dir = config_dict.placeholder(str)
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.test_split = "test"
+    # Use only the first N training examples of a seeded permutation (-1: all of them).
+    config.data.num_train_examples = -1
+    # Pixel normalisation applied inside the jitted step: (x / 255 - mean) / std.
+    config.data.mean = 0.5
+    config.data.std = 0.25
 
-  config.augment = ml_collections.ConfigDict()
-  config.augment.enabled = True
-  config.augment.rotation_degrees = 10.0
-  config.augment.scale_range = (0.9, 1.1)
-  config.augment.translate_fraction = 0.08
-  config.augment.horizontal_flip = False
-  config.augment.brightness = 0.1  # Fraction of the 0..255 range.
-  config.augment.contrast = 0.1  # Contrast factor drawn from [1 - c, 1 + c].
-  config.augment.fill_mode = 'nearest'
+    config.augment = ml_collections.ConfigDict()
+    config.augment.enabled = True
+    config.augment.rotation_degrees = 10.0
+    config.augment.scale_range = (0.9, 1.1)
+    config.augment.translate_fraction = 0.08
+    config.augment.horizontal_flip = False
+    config.augment.brightness = 0.1  # Fraction of the 0..255 range.
+    config.augment.contrast = 0.1  # Contrast factor drawn from [1 - c, 1 + c].
+    config.augment.fill_mode = "nearest"
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = 'paper_cnn'
-  config.model.features = (16, 32, 64, 128)
-  config.model.dense_features = 128
-  config.model.dropout_rate = 0.3
-  config.model.bn_momentum = 0.9
-  config.model.bn_epsilon = 1e-5
-  config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for mixed precision on GPU/TPU.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "paper_cnn"
+    config.model.features = (16, 32, 64, 128)
+    config.model.dense_features = 128
+    config.model.dropout_rate = 0.3
+    config.model.bn_momentum = 0.9
+    config.model.bn_epsilon = 1e-5
+    config.model.dtype = "float32"  # Compute dtype; 'bfloat16' for mixed precision on GPU/TPU.
 
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 128  # Global, across all devices and processes.
-  config.train.num_epochs = 4.0
-  config.train.optimizer = 'adamw'
-  config.train.learning_rate = 3e-3
-  config.train.weight_decay = 1e-4
-  config.train.schedule = 'cosine'  # 'cosine' or 'constant', both after a linear warmup.
-  config.train.warmup_steps = 100
-  config.train.label_smoothing = 0.0
-  config.train.log_every_steps = 50
-  config.train.eval_every_steps = 0  # 0: once an epoch.
-  config.train.checkpoint_every_steps = 500
-  config.train.max_checkpoints_to_keep = 3
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128  # Global, across all devices and processes.
+    config.train.num_epochs = 4.0
+    config.train.optimizer = "adamw"
+    config.train.learning_rate = 3e-3
+    config.train.weight_decay = 1e-4
+    config.train.schedule = "cosine"  # 'cosine' or 'constant', both after a linear warmup.
+    config.train.warmup_steps = 100
+    config.train.label_smoothing = 0.0
+    config.train.log_every_steps = 50
+    config.train.eval_every_steps = 0  # 0: once an epoch.
+    config.train.checkpoint_every_steps = 500
+    config.train.max_checkpoints_to_keep = 3
 
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 500
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 500
 
-  return config
+    return config

@@ -13,14 +13,14 @@ from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Returns the base configuration shrunk to a few cheap steps."""
-  config = base.get_config()
-  config.model.features = (4, 8)
-  config.model.dense_features = 16
-  config.train.batch_size = 8
-  config.train.num_epochs = 1.0
-  config.train.warmup_steps = 2
-  config.train.log_every_steps = 2
-  config.train.checkpoint_every_steps = 4
-  config.eval.batch_size = 16
-  return config
+    """Returns the base configuration shrunk to a few cheap steps."""
+    config = base.get_config()
+    config.model.features = (4, 8)
+    config.model.dense_features = 16
+    config.train.batch_size = 8
+    config.train.num_epochs = 1.0
+    config.train.warmup_steps = 2
+    config.train.log_every_steps = 2
+    config.train.checkpoint_every_steps = 4
+    config.eval.batch_size = 16
+    return config

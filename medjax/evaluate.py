@@ -24,14 +24,14 @@ from medjax import sharding
 from medjax import steps
 from medjax import train
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.', required=True)
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to restore (default: latest).')
-_SPLIT = flags.DEFINE_string('split', None, 'Dataset split to evaluate, e.g. test.')
-_FOLDER = flags.DEFINE_string('folder', None, 'Folder of class subfolders of images to evaluate.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON report.')
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Override the dataset manual dir stored in the config.')
-_TFDS_DIR = flags.DEFINE_string('tfds_dir', None, 'Override the TFDS data dir stored in the config.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Override the global eval batch size.')
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
+_SPLIT = flags.DEFINE_string("split", None, "Dataset split to evaluate, e.g. test.")
+_FOLDER = flags.DEFINE_string("folder", None, "Folder of class subfolders of images to evaluate.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON report.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Override the dataset manual dir stored in the config.")
+_TFDS_DIR = flags.DEFINE_string("tfds_dir", None, "Override the TFDS data dir stored in the config.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Override the global eval batch size.")
 
 
 def evaluate_checkpoint(
@@ -44,58 +44,76 @@ def evaluate_checkpoint(
     tfds_dir: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-  """Restores `workdir`'s checkpoint and returns the report for a split or a folder."""
-  if (split is None) == (folder is None):
-    raise ValueError('Give exactly one of split or folder.')
-  manager = checkpointing.create_manager(workdir, read_only=True)
-  step = checkpointing.resolve_step(manager, step)
-  metadata = checkpointing.restore_metadata(manager, step)
-  config = ml_collections.ConfigDict(metadata['config'])
-  class_names = metadata['class_names']
-  preprocessing = metadata['preprocessing']
-  image_shape = tuple(preprocessing['image_shape'])
+    """Restores `workdir`'s checkpoint and returns the report for a split or a folder."""
+    if (split is None) == (folder is None):
+        raise ValueError("Give exactly one of split or folder.")
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    step = checkpointing.resolve_step(manager, step)
+    metadata = checkpointing.restore_metadata(manager, step)
+    config = ml_collections.ConfigDict(metadata["config"])
+    class_names = metadata["class_names"]
+    preprocessing = metadata["preprocessing"]
+    image_shape = tuple(preprocessing["image_shape"])
 
-  if folder is not None:
-    arrays = datasets.read_class_folder(folder, class_names)
-    if arrays['image'].shape[1:] != image_shape:
-      raise ValueError(f'Images in {folder} have shape {arrays["image"].shape[1:]}; the model expects {image_shape}.')
-    source = {'folder': os.path.abspath(folder)}
-  else:
-    builder = datasets.prepare(config.data.name, tfds_dir or config.data.tfds_dir, manual_dir or config.data.manual_dir)
-    arrays = datasets.load_split(builder, split)
-    source = {'split': split, 'dataset': config.data.name}
+    if folder is not None:
+        arrays = datasets.read_class_folder(folder, class_names)
+        if arrays["image"].shape[1:] != image_shape:
+            raise ValueError(
+                f'Images in {folder} have shape {arrays["image"].shape[1:]}; the model expects {image_shape}.'
+            )
+        source = {"folder": os.path.abspath(folder)}
+    else:
+        builder = datasets.prepare(
+            config.data.name, tfds_dir or config.data.tfds_dir, manual_dir or config.data.manual_dir
+        )
+        arrays = datasets.load_split(builder, split)
+        source = {"split": split, "dataset": config.data.name}
 
-  mesh = sharding.create_mesh()
-  model = models.create_model(config.model, num_classes=len(class_names))
-  tx = steps.create_optimizer(config.train, total_steps=1)
-  abstract_state = jax.eval_shape(lambda: steps.init_state(model, tx, jax.random.key(0), image_shape))
-  abstract_state = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), abstract_state)
-  state = checkpointing.restore_state(manager, step, abstract_state)
+    mesh = sharding.create_mesh()
+    model = models.create_model(config.model, num_classes=len(class_names))
+    tx = steps.create_optimizer(config.train, total_steps=1)
+    abstract_state = jax.eval_shape(lambda: steps.init_state(model, tx, jax.random.key(0), image_shape))
+    abstract_state = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), abstract_state
+    )
+    state = checkpointing.restore_state(manager, step, abstract_state)
 
-  predictor = evaluation.Predictor(model, mesh, mean=preprocessing['mean'], std=preprocessing['std'])
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  report = evaluation.evaluate(predictor, variables, arrays, class_names, batch_size or config.eval.batch_size)
-  return report | source | {'checkpoint_step': step, 'workdir': os.path.abspath(workdir)}
+    predictor = evaluation.Predictor(model, mesh, mean=preprocessing["mean"], std=preprocessing["std"])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    report = evaluation.evaluate(
+        predictor, variables, arrays, class_names, batch_size or config.eval.batch_size
+    )
+    return report | source | {"checkpoint_step": step, "workdir": os.path.abspath(workdir)}
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tf.config.set_visible_devices([], 'GPU')
-  report = evaluate_checkpoint(
-      _WORKDIR.value, step=_STEP.value, split=_SPLIT.value, folder=_FOLDER.value,
-      manual_dir=_MANUAL_DIR.value, tfds_dir=_TFDS_DIR.value, batch_size=_BATCH_SIZE.value)
-  name = _SPLIT.value or os.path.basename(os.path.normpath(_FOLDER.value))
-  paths = [os.path.join(_WORKDIR.value, 'eval', f'{name}_step{report["checkpoint_step"]}.json')]
-  if _OUTPUT.value:
-    paths.append(_OUTPUT.value)
-  for path in paths:
-    train.write_json(path, report)
-  logging.info('accuracy=%.5f macro_auc=%s on %d examples; report: %s',
-               report['accuracy'], report['macro_auc'], report['num_examples'], paths)
-  print(json.dumps({k: report[k] for k in ('accuracy', 'macro_auc', 'num_examples', 'checkpoint_step')}))
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    tf.config.set_visible_devices([], "GPU")
+    report = evaluate_checkpoint(
+        _WORKDIR.value,
+        step=_STEP.value,
+        split=_SPLIT.value,
+        folder=_FOLDER.value,
+        manual_dir=_MANUAL_DIR.value,
+        tfds_dir=_TFDS_DIR.value,
+        batch_size=_BATCH_SIZE.value,
+    )
+    name = _SPLIT.value or os.path.basename(os.path.normpath(_FOLDER.value))
+    paths = [os.path.join(_WORKDIR.value, "eval", f'{name}_step{report["checkpoint_step"]}.json')]
+    if _OUTPUT.value:
+        paths.append(_OUTPUT.value)
+    for path in paths:
+        train.write_json(path, report)
+    logging.info(
+        "accuracy=%.5f macro_auc=%s on %d examples; report: %s",
+        report["accuracy"],
+        report["macro_auc"],
+        report["num_examples"],
+        paths,
+    )
+    print(json.dumps({k: report[k] for k in ("accuracy", "macro_auc", "num_examples", "checkpoint_step")}))
 
 
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == "__main__":
+    app.run(main)

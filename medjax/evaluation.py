@@ -14,36 +14,44 @@ from medjax import steps
 
 
 class Predictor:
-  """Runs the jitted eval step over a dataset held in memory and returns its class probabilities."""
+    """Runs the jitted eval step over a dataset held in memory and returns its class probabilities."""
 
-  def __init__(self, model: nn.Module, mesh: jax.sharding.Mesh, *, mean: float, std: float):
-    self._mesh = mesh
-    self._step = jax.jit(
-        functools.partial(steps.eval_step, model=model, mean=mean, std=std),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-        out_shardings=sharding.batch_sharded(mesh),
-    )
+    def __init__(self, model: nn.Module, mesh: jax.sharding.Mesh, *, mean: float, std: float):
+        self._mesh = mesh
+        self._step = jax.jit(
+            functools.partial(steps.eval_step, model=model, mean=mean, std=std),
+            in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+            out_shardings=sharding.batch_sharded(mesh),
+        )
 
-  def predict(self, variables: dict, images: np.ndarray, labels: np.ndarray, global_batch_size: int) -> np.ndarray:
-    """Probabilities [N, C] for every example exactly once, in the order given."""
-    sharding.check_batch_size(global_batch_size, 'config.eval.batch_size')
-    gathered_probs, gathered_masks = [], []
-    for local in input_pipeline.eval_batches(
-        images, labels, global_batch_size=global_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      batch = sharding.to_global(local, self._mesh)
-      probs = self._step(variables, batch['image'])
-      gathered_probs.append(multihost_utils.process_allgather(probs, tiled=True))
-      gathered_masks.append(multihost_utils.process_allgather(batch['mask'], tiled=True))
-    probs = np.concatenate(gathered_probs)
-    keep = np.concatenate(gathered_masks) > 0
-    probs = probs[keep]
-    if len(probs) != len(images):
-      raise RuntimeError(f'Evaluation produced {len(probs)} predictions for {len(images)} examples.')
-    return probs
+    def predict(
+        self, variables: dict, images: np.ndarray, labels: np.ndarray, global_batch_size: int
+    ) -> np.ndarray:
+        """Probabilities [N, C] for every example exactly once, in the order given."""
+        sharding.check_batch_size(global_batch_size, "config.eval.batch_size")
+        gathered_probs, gathered_masks = [], []
+        for local in input_pipeline.eval_batches(
+            images,
+            labels,
+            global_batch_size=global_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ):
+            batch = sharding.to_global(local, self._mesh)
+            probs = self._step(variables, batch["image"])
+            gathered_probs.append(multihost_utils.process_allgather(probs, tiled=True))
+            gathered_masks.append(multihost_utils.process_allgather(batch["mask"], tiled=True))
+        probs = np.concatenate(gathered_probs)
+        keep = np.concatenate(gathered_masks) > 0
+        probs = probs[keep]
+        if len(probs) != len(images):
+            raise RuntimeError(f"Evaluation produced {len(probs)} predictions for {len(images)} examples.")
+        return probs
 
 
-def evaluate(predictor: Predictor, variables: dict, arrays: dict, class_names, global_batch_size: int) -> dict:
-  """The metrics report (see `metrics.classification_report`) for `arrays` {'image', 'label'}."""
-  probs = predictor.predict(variables, arrays['image'], arrays['label'], global_batch_size)
-  return metrics.classification_report(probs, arrays['label'], class_names)
+def evaluate(
+    predictor: Predictor, variables: dict, arrays: dict, class_names, global_batch_size: int
+) -> dict:
+    """The metrics report (see `metrics.classification_report`) for `arrays` {'image', 'label'}."""
+    probs = predictor.predict(variables, arrays["image"], arrays["label"], global_batch_size)
+    return metrics.classification_report(probs, arrays["label"], class_names)

@@ -12,55 +12,58 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training; the module and optimizer are rebuilt from the config."""
+    """Everything that changes during training; the module and optimizer are rebuilt from the config."""
 
-  step: jnp.ndarray
-  params: Any
-  batch_stats: Any
-  opt_state: Any
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
 
 
 def normalize(images: jnp.ndarray, mean: float, std: float) -> jnp.ndarray:
-  """uint8 pixels -> float32 (x / 255 - mean) / std; the recipe is saved with every checkpoint."""
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+    """uint8 pixels -> float32 (x / 255 - mean) / std; the recipe is saved with every checkpoint."""
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  lr, warmup = train_config.learning_rate, min(train_config.warmup_steps, total_steps)
-  if train_config.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
-  if train_config.schedule == 'constant':
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-  raise ValueError(f"Unknown config.train.schedule={train_config.schedule!r}; known: 'cosine', 'constant'")
+    lr, warmup = train_config.learning_rate, min(train_config.warmup_steps, total_steps)
+    if train_config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
+    if train_config.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
+    raise ValueError(f"Unknown config.train.schedule={train_config.schedule!r}; known: 'cosine', 'constant'")
 
 
 def _decay_mask(params):
-  """Weight decay on kernels only, not on biases or batch-norm scales."""
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    """Weight decay on kernels only, not on biases or batch-norm scales."""
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  schedule = learning_rate_schedule(train_config, total_steps)
-  name = train_config.optimizer
-  if name == 'adam':
-    return optax.adam(schedule)
-  if name == 'adamw':
-    return optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=_decay_mask)
-  if name == 'sgd':
-    return optax.sgd(schedule, momentum=train_config.get('momentum', 0.9), nesterov=True)
-  raise ValueError(f"Unknown config.train.optimizer={name!r}; known: 'adam', 'adamw', 'sgd'")
+def create_optimizer(
+    train_config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(train_config, total_steps)
+    name = train_config.optimizer
+    if name == "adam":
+        return optax.adam(schedule)
+    if name == "adamw":
+        return optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=_decay_mask)
+    if name == "sgd":
+        return optax.sgd(schedule, momentum=train_config.get("momentum", 0.9), nesterov=True)
+    raise ValueError(f"Unknown config.train.optimizer={name!r}; known: 'adam', 'adamw', 'sgd'")
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, image_shape) -> TrainState:
-  variables = model.init({'params': key}, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False)
-  params = variables['params']
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get('batch_stats', {}),
-      opt_state=tx.init(params),
-  )
+    variables = model.init({"params": key}, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
 
 
 def train_step(
@@ -74,37 +77,39 @@ def train_step(
     std: float,
     label_smoothing: float,
 ) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch. Batch-norm statistics are over the whole global batch."""
-  images = normalize(batch['image'], mean, std)
+    """One optimizer step on a global batch. Batch-norm statistics are over the whole global batch."""
+    images = normalize(batch["image"], mean, std)
 
-  def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        images,
-        train=True,
-        mutable=['batch_stats'],
-        rngs={'dropout': jax.random.fold_in(dropout_key, state.step)},
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.fold_in(dropout_key, state.step)},
+        )
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, param_updates),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
     )
-    targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]), label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, param_updates),
-      batch_stats=updates.get('batch_stats', state.batch_stats),
-      opt_state=opt_state,
-  )
-  metrics = {
-      'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-  }
-  return new_state, metrics
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+    }
+    return new_state, metrics
 
 
-def eval_step(variables: dict, images: jnp.ndarray, *, model: nn.Module, mean: float, std: float) -> jnp.ndarray:
-  """Class probabilities in inference mode (running batch-norm statistics, no dropout)."""
-  logits = model.apply(variables, normalize(images, mean, std), train=False)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+def eval_step(
+    variables: dict, images: jnp.ndarray, *, model: nn.Module, mean: float, std: float
+) -> jnp.ndarray:
+    """Class probabilities in inference mode (running batch-norm statistics, no dropout)."""
+    logits = model.apply(variables, normalize(images, mean, std), train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

@@ -23,148 +23,188 @@ from medjax import steps
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
-  """Prepares the dataset once (process 0 first) and loads train/eval/test splits into memory."""
-  if jax.process_index() == 0:
-    builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('medjax: dataset prepared')
-  if jax.process_index() != 0:
-    builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
-  splits = {
-      'train': config.data.train_split,
-      'eval': config.data.eval_split,
-      'test': config.data.test_split,
-  }
-  data = {role: datasets.load_split(builder, split) for role, split in splits.items()}
-  train = data['train']
-  n = config.data.num_train_examples
-  if n > 0:
-    if n > len(train['label']):
-      raise ValueError(f'config.data.num_train_examples={n} exceeds the {len(train["label"])} training examples.')
-    keep = np.sort(np.random.default_rng(config.seed).permutation(len(train['label']))[:n])
-    data['train'] = {k: v[keep] for k, v in train.items()}
-  class_names = list(builder.info.features['label'].names)
-  return data, class_names
+    """Prepares the dataset once (process 0 first) and loads train/eval/test splits into memory."""
+    if jax.process_index() == 0:
+        builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("medjax: dataset prepared")
+    if jax.process_index() != 0:
+        builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
+    splits = {
+        "train": config.data.train_split,
+        "eval": config.data.eval_split,
+        "test": config.data.test_split,
+    }
+    data = {role: datasets.load_split(builder, split) for role, split in splits.items()}
+    train = data["train"]
+    n = config.data.num_train_examples
+    if n > 0:
+        if n > len(train["label"]):
+            raise ValueError(
+                f'config.data.num_train_examples={n} exceeds the {len(train["label"])} training examples.'
+            )
+        keep = np.sort(np.random.default_rng(config.seed).permutation(len(train["label"]))[:n])
+        data["train"] = {k: v[keep] for k, v in train.items()}
+    class_names = list(builder.info.features["label"].names)
+    return data, class_names
 
 
 def checkpoint_metadata(config: ml_collections.ConfigDict, class_names: list[str], image_shape) -> dict:
-  """What an evaluation job needs to rebuild the model and its preprocessing from a workdir."""
-  return {
-      'medjax_version': medjax.__version__,
-      'config': json.loads(config.to_json_best_effort()),
-      'class_names': class_names,
-      'preprocessing': {
-          'image_shape': list(image_shape),
-          'pixel_dtype': 'uint8',
-          'normalize': '(x / 255 - mean) / std',
-          'mean': config.data.mean,
-          'std': config.data.std,
-      },
-  }
+    """What an evaluation job needs to rebuild the model and its preprocessing from a workdir."""
+    return {
+        "medjax_version": medjax.__version__,
+        "config": json.loads(config.to_json_best_effort()),
+        "class_names": class_names,
+        "preprocessing": {
+            "image_shape": list(image_shape),
+            "pixel_dtype": "uint8",
+            "normalize": "(x / 255 - mean) / std",
+            "mean": config.data.mean,
+            "std": config.data.std,
+        },
+    }
 
 
 def write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(payload, f, indent=2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final reports."""
-  sharding.check_batch_size(config.train.batch_size, 'config.train.batch_size')
-  sharding.check_batch_size(config.eval.batch_size, 'config.eval.batch_size')
-  mesh = sharding.create_mesh()
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final reports."""
+    sharding.check_batch_size(config.train.batch_size, "config.train.batch_size")
+    sharding.check_batch_size(config.eval.batch_size, "config.eval.batch_size")
+    mesh = sharding.create_mesh()
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
-  t0 = time.time()
-  data, class_names = load_data(config)
-  image_shape = data['train']['image'].shape[1:]
-  logging.info('Data ready in %.1fs: %s', time.time() - t0,
-               {role: len(split['label']) for role, split in data.items()})
+    t0 = time.time()
+    data, class_names = load_data(config)
+    image_shape = data["train"]["image"].shape[1:]
+    logging.info(
+        "Data ready in %.1fs: %s",
+        time.time() - t0,
+        {role: len(split["label"]) for role, split in data.items()},
+    )
 
-  num_train = len(data['train']['label'])
-  steps_per_epoch = num_train // config.train.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} exceeds the {num_train} training examples.')
-  total_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
-  eval_every = config.train.eval_every_steps or steps_per_epoch
+    num_train = len(data["train"]["label"])
+    steps_per_epoch = num_train // config.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} exceeds the {num_train} training examples."
+        )
+    total_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
+    eval_every = config.train.eval_every_steps or steps_per_epoch
 
-  model = models.create_model(config.model, num_classes=len(class_names))
-  tx = steps.create_optimizer(config.train, total_steps)
-  init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-  replicated = sharding.replicated(mesh)
-  state = jax.jit(
-      functools.partial(steps.init_state, model, tx, image_shape=image_shape), out_shardings=replicated
-  )(init_key)
+    model = models.create_model(config.model, num_classes=len(class_names))
+    tx = steps.create_optimizer(config.train, total_steps)
+    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    replicated = sharding.replicated(mesh)
+    state = jax.jit(
+        functools.partial(steps.init_state, model, tx, image_shape=image_shape), out_shardings=replicated
+    )(init_key)
 
-  manager = checkpointing.create_manager(workdir, max_to_keep=config.train.max_checkpoints_to_keep)
-  metadata = checkpoint_metadata(config, class_names, image_shape)
-  start_step = 0
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    state = checkpointing.restore_state(manager, start_step, state)
-    logging.info('Resumed from %s at step %d.', manager.directory, start_step)
-  else:
-    write_json(os.path.join(workdir, 'config.json'), metadata)
+    manager = checkpointing.create_manager(workdir, max_to_keep=config.train.max_checkpoints_to_keep)
+    metadata = checkpoint_metadata(config, class_names, image_shape)
+    start_step = 0
+    if manager.latest_step() is not None:
+        start_step = manager.latest_step()
+        state = checkpointing.restore_state(manager, start_step, state)
+        logging.info("Resumed from %s at step %d.", manager.directory, start_step)
+    else:
+        write_json(os.path.join(workdir, "config.json"), metadata)
 
-  train_step = jax.jit(
-      functools.partial(
-          steps.train_step, model=model, tx=tx, dropout_key=dropout_key,
-          mean=config.data.mean, std=config.data.std, label_smoothing=config.train.label_smoothing),
-      in_shardings=(replicated, sharding.batch_sharded(mesh)),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-  )
-  predictor = evaluation.Predictor(model, mesh, mean=config.data.mean, std=config.data.std)
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step,
+            model=model,
+            tx=tx,
+            dropout_key=dropout_key,
+            mean=config.data.mean,
+            std=config.data.std,
+            label_smoothing=config.train.label_smoothing,
+        ),
+        in_shardings=(replicated, sharding.batch_sharded(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    predictor = evaluation.Predictor(model, mesh, mean=config.data.mean, std=config.data.std)
 
-  def run_eval(role):
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return evaluation.evaluate(predictor, variables, data[role], class_names, config.eval.batch_size)
+    def run_eval(role):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return evaluation.evaluate(predictor, variables, data[role], class_names, config.eval.batch_size)
 
-  train_ds = input_pipeline.train_dataset(
-      data['train']['image'], data['train']['label'], seed=config.seed,
-      global_batch_size=config.train.batch_size, start_step=start_step,
-      num_steps=total_steps - start_step, aug=config.augment,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    train_ds = input_pipeline.train_dataset(
+        data["train"]["image"],
+        data["train"]["label"],
+        seed=config.seed,
+        global_batch_size=config.train.batch_size,
+        start_step=start_step,
+        num_steps=total_steps - start_step,
+        aug=config.augment,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
-  logging.info('Training steps %d..%d (%d per epoch, global batch %d) on %d devices.',
-               start_step, total_steps, steps_per_epoch, config.train.batch_size, jax.device_count())
-  history, last_log = [], (start_step, time.time())
-  for step, local_batch in zip(range(start_step + 1, total_steps + 1), train_ds.as_numpy_iterator()):
-    state, step_metrics = train_step(state, sharding.to_global(local_batch, mesh))
-    history.append(step_metrics)
-    if step == start_step + 1:
-      logging.info('First step (compile included) done in %.1fs.', time.time() - last_log[1])
-    if step % config.train.log_every_steps == 0 or step == total_steps:
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
-      elapsed = time.time() - last_log[1]
-      summary['images_per_second'] = (step - last_log[0]) * config.train.batch_size / elapsed
-      summary['epoch'] = step / steps_per_epoch
-      writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
-      logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
-      history, last_log = [], (step, time.time())
-    if step % eval_every == 0 and step != total_steps:
-      report = run_eval('eval')
-      writer.write_scalars(step, {'eval/accuracy': report['accuracy'], 'eval/macro_auc': report['macro_auc']})
-      logging.info('step %d: %s accuracy=%.5f macro_auc=%.6f', step, config.data.eval_split,
-                   report['accuracy'], report['macro_auc'])
-      last_log = (step, time.time())
-    if step % config.train.checkpoint_every_steps == 0 or step == total_steps:
-      checkpointing.save(manager, step, state, metadata)
-  manager.wait_until_finished()
+    logging.info(
+        "Training steps %d..%d (%d per epoch, global batch %d) on %d devices.",
+        start_step,
+        total_steps,
+        steps_per_epoch,
+        config.train.batch_size,
+        jax.device_count(),
+    )
+    history, last_log = [], (start_step, time.time())
+    for step, local_batch in zip(range(start_step + 1, total_steps + 1), train_ds.as_numpy_iterator()):
+        state, step_metrics = train_step(state, sharding.to_global(local_batch, mesh))
+        history.append(step_metrics)
+        if step == start_step + 1:
+            logging.info("First step (compile included) done in %.1fs.", time.time() - last_log[1])
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+            summary = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
+            elapsed = time.time() - last_log[1]
+            summary["images_per_second"] = (step - last_log[0]) * config.train.batch_size / elapsed
+            summary["epoch"] = step / steps_per_epoch
+            writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+            logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+            history, last_log = [], (step, time.time())
+        if step % eval_every == 0 and step != total_steps:
+            report = run_eval("eval")
+            writer.write_scalars(
+                step, {"eval/accuracy": report["accuracy"], "eval/macro_auc": report["macro_auc"]}
+            )
+            logging.info(
+                "step %d: %s accuracy=%.5f macro_auc=%.6f",
+                step,
+                config.data.eval_split,
+                report["accuracy"],
+                report["macro_auc"],
+            )
+            last_log = (step, time.time())
+        if step % config.train.checkpoint_every_steps == 0 or step == total_steps:
+            checkpointing.save(manager, step, state, metadata)
+    manager.wait_until_finished()
 
-  reports = {}
-  for role in ('eval', 'test'):
-    split = config.data[f'{role}_split']
-    report = run_eval(role) | {'split': split, 'checkpoint_step': int(state.step)}
-    reports[split] = report
-    writer.write_scalars(int(state.step), {f'{split}/accuracy': report['accuracy'],
-                                           f'{split}/macro_auc': report['macro_auc']})
-    logging.info('Final %s: accuracy=%.5f macro_auc=%.6f on %d examples.', split, report['accuracy'],
-                 report['macro_auc'], report['num_examples'])
-    if jax.process_index() == 0:
-      write_json(os.path.join(workdir, 'eval', f'{split}_step{int(state.step)}.json'), report)
-  writer.flush()
-  logging.info('Total wall time %.1fs.', time.time() - t0)
-  return reports
+    reports = {}
+    for role in ("eval", "test"):
+        split = config.data[f"{role}_split"]
+        report = run_eval(role) | {"split": split, "checkpoint_step": int(state.step)}
+        reports[split] = report
+        writer.write_scalars(
+            int(state.step),
+            {f"{split}/accuracy": report["accuracy"], f"{split}/macro_auc": report["macro_auc"]},
+        )
+        logging.info(
+            "Final %s: accuracy=%.5f macro_auc=%.6f on %d examples.",
+            split,
+            report["accuracy"],
+            report["macro_auc"],
+            report["num_examples"],
+        )
+        if jax.process_index() == 0:
+            write_json(os.path.join(workdir, "eval", f"{split}_step{int(state.step)}.json"), report)
+    writer.flush()
+    logging.info("Total wall time %.1fs.", time.time() - t0)
+    return reports

@@ -14,103 +14,129 @@ from configs import quick
 from medjax import evaluate, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE_ROOT = os.path.join(REPO, 'tests', 'fixtures')  # Holds medical_mnist/<Class>/*.jpeg.
-REPORT_KEYS = {'accuracy', 'macro_auc', 'per_class', 'confusion_matrix', 'num_examples', 'checkpoint_step'}
+FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")  # Holds medical_mnist/<Class>/*.jpeg.
+REPORT_KEYS = {"accuracy", "macro_auc", "per_class", "confusion_matrix", "num_examples", "checkpoint_step"}
 
 
 def _config(tfds_dir):
-  config = quick.get_config()
-  config.data.manual_dir = FIXTURE_ROOT
-  config.data.tfds_dir = str(tfds_dir)
-  config.train.checkpoint_every_steps = 2
-  config.train.num_epochs = 2.0
-  return config
+    config = quick.get_config()
+    config.data.manual_dir = FIXTURE_ROOT
+    config.data.tfds_dir = str(tfds_dir)
+    config.train.checkpoint_every_steps = 2
+    config.train.num_epochs = 2.0
+    return config
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A finished quick run on the fixture: (config, workdir, reports)."""
-  root = tmp_path_factory.mktemp('e2e')
-  config = _config(root / 'tfds')
-  workdir = str(root / 'run')
-  reports = train.train_and_evaluate(config, workdir)
-  return config, workdir, reports
-
-
+    """A finished quick run on the fixture: (config, workdir, reports)."""
+    root = tmp_path_factory.mktemp("e2e")
+    config = _config(root / "tfds")
+    workdir = str(root / "run")
+    reports = train.train_and_evaluate(config, workdir)
+    return config, workdir, reports
 
 
 def test_training_writes_checkpoints_reports_and_metadata(trained):
-  config, workdir, reports = trained
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  assert steps[-1] >= 4 and steps[-1] % 2 == 0
-  assert set(reports) == {'validation', 'test'}
-  for split, report in reports.items():
-    assert REPORT_KEYS <= set(report)
-    assert report['checkpoint_step'] == steps[-1]
-    assert os.path.exists(os.path.join(workdir, 'eval', f'{split}_step{steps[-1]}.json'))
-  saved = json.load(open(os.path.join(workdir, 'config.json')))
-  assert saved['class_names'] == ['AbdomenCT', 'BreastMRI', 'CXR', 'ChestCT', 'Hand', 'HeadCT']
-  assert saved['preprocessing']['mean'] == config.data.mean
-  assert saved['config']['model']['features'] == list(config.model.features)
+    config, workdir, reports = trained
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps[-1] >= 4 and steps[-1] % 2 == 0
+    assert set(reports) == {"validation", "test"}
+    for split, report in reports.items():
+        assert REPORT_KEYS <= set(report)
+        assert report["checkpoint_step"] == steps[-1]
+        assert os.path.exists(os.path.join(workdir, "eval", f"{split}_step{steps[-1]}.json"))
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["class_names"] == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+    assert saved["preprocessing"]["mean"] == config.data.mean
+    assert saved["config"]["model"]["features"] == list(config.model.features)
 
 
 def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
-  config, workdir, _ = trained
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  last, earlier = steps[-1], steps[-2]
-  resumed = str(tmp_path / 'resumed')
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(os.path.join(resumed, 'checkpoints', str(last)))  # As if the run died after `earlier`.
-  train.train_and_evaluate(config, resumed)
-  from medjax import checkpointing
-  states = []
-  for w in (workdir, resumed):
-    manager = checkpointing.create_manager(w, read_only=True)
-    states.append(manager.restore(last).state)
-  for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
-    np.testing.assert_array_equal(a, b)
+    config, workdir, _ = trained
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    last, earlier = steps[-1], steps[-2]
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(last)))  # As if the run died after `earlier`.
+    train.train_and_evaluate(config, resumed)
+    from medjax import checkpointing
+
+    states = []
+    for w in (workdir, resumed):
+        manager = checkpointing.create_manager(w, read_only=True)
+        states.append(manager.restore(last).state)
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_evaluate_split_matches_training_report(trained):
-  _, workdir, reports = trained
-  report = evaluate.evaluate_checkpoint(workdir, split='test')
-  assert report['num_examples'] == reports['test']['num_examples']
-  assert report['accuracy'] == reports['test']['accuracy']
-  assert report['confusion_matrix'] == reports['test']['confusion_matrix']
+    _, workdir, reports = trained
+    report = evaluate.evaluate_checkpoint(workdir, split="test")
+    assert report["num_examples"] == reports["test"]["num_examples"]
+    assert report["accuracy"] == reports["test"]["accuracy"]
+    assert report["confusion_matrix"] == reports["test"]["confusion_matrix"]
 
 
 def test_evaluate_folder_cli_writes_the_same_fields(trained, tmp_path):
-  _, workdir, _ = trained
-  folder = tmp_path / 'unseen'
-  for cls in ('CXR', 'Hand'):
-    shutil.copytree(os.path.join(FIXTURE_ROOT, 'medical_mnist', cls), folder / cls)
-  output = tmp_path / 'report.json'
-  subprocess.run(
-      [sys.executable, '-m', 'medjax.evaluate', f'--workdir={workdir}', f'--folder={folder}', f'--output={output}'],
-      check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-  report = json.load(open(output))
-  assert REPORT_KEYS <= set(report)
-  expected = sum(len(os.listdir(folder / c)) for c in ('CXR', 'Hand'))
-  assert report['num_examples'] == expected
-  assert report['per_class']['CXR']['support'] + report['per_class']['Hand']['support'] == expected
-  assert report['auc_classes'] == ['CXR', 'Hand']
-  assert os.path.exists(os.path.join(workdir, 'eval', f'unseen_step{report["checkpoint_step"]}.json'))
+    _, workdir, _ = trained
+    folder = tmp_path / "unseen"
+    for cls in ("CXR", "Hand"):
+        shutil.copytree(os.path.join(FIXTURE_ROOT, "medical_mnist", cls), folder / cls)
+    output = tmp_path / "report.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medjax.evaluate",
+            f"--workdir={workdir}",
+            f"--folder={folder}",
+            f"--output={output}",
+        ],
+        check=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    report = json.load(open(output))
+    assert REPORT_KEYS <= set(report)
+    expected = sum(len(os.listdir(folder / c)) for c in ("CXR", "Hand"))
+    assert report["num_examples"] == expected
+    assert report["per_class"]["CXR"]["support"] + report["per_class"]["Hand"]["support"] == expected
+    assert report["auc_classes"] == ["CXR", "Hand"]
+    assert os.path.exists(os.path.join(workdir, "eval", f'unseen_step{report["checkpoint_step"]}.json'))
 
 
 def test_evaluate_rejects_a_folder_with_unknown_classes(trained, tmp_path):
-  _, workdir, _ = trained
-  (tmp_path / 'bad' / 'Knee').mkdir(parents=True)
-  shutil.copy(os.path.join(FIXTURE_ROOT, 'medical_mnist', 'Hand', sorted(
-      os.listdir(os.path.join(FIXTURE_ROOT, 'medical_mnist', 'Hand')))[0]), tmp_path / 'bad' / 'Knee')
-  with pytest.raises(ValueError, match='Knee'):
-    evaluate.evaluate_checkpoint(workdir, folder=str(tmp_path / 'bad'))
+    _, workdir, _ = trained
+    (tmp_path / "bad" / "Knee").mkdir(parents=True)
+    shutil.copy(
+        os.path.join(
+            FIXTURE_ROOT,
+            "medical_mnist",
+            "Hand",
+            sorted(os.listdir(os.path.join(FIXTURE_ROOT, "medical_mnist", "Hand")))[0],
+        ),
+        tmp_path / "bad" / "Knee",
+    )
+    with pytest.raises(ValueError, match="Knee"):
+        evaluate.evaluate_checkpoint(workdir, folder=str(tmp_path / "bad"))
 
 
 def test_main_cli_runs_the_quick_config(tmp_path):
-  workdir = tmp_path / 'cli'
-  subprocess.run(
-      [sys.executable, '-m', 'medjax.main', '--config=configs/quick.py', f'--workdir={workdir}',
-       f'--config.data.manual_dir={FIXTURE_ROOT}', f'--config.data.tfds_dir={tmp_path / "tfds"}',
-       '--config.train.num_epochs=1'],
-      check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-  assert os.listdir(workdir / 'eval')
+    workdir = tmp_path / "cli"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medjax.main",
+            "--config=configs/quick.py",
+            f"--workdir={workdir}",
+            f"--config.data.manual_dir={FIXTURE_ROOT}",
+            f'--config.data.tfds_dir={tmp_path / "tfds"}',
+            "--config.train.num_epochs=1",
+        ],
+        check=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    assert os.listdir(workdir / "eval")

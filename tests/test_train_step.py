@@ -12,23 +12,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_step_lowers_the_loss():
-  losses, state = step_runner.run(num_steps=30)
-  assert int(state.step) == 30
-  assert losses[-1] < 0.5 * losses[0], losses
+    losses, state = step_runner.run(num_steps=30)
+    assert int(state.step) == 30
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def _run_on_devices(tmp_path, count, num_steps=3):
-  out = tmp_path / f'{count}.npz'
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={count}', JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'step_runner.py'), str(out), str(num_steps)],
-                 check=True, env=env | {'PYTHONPATH': REPO}, cwd=REPO)
-  return dict(np.load(out))
+    out = tmp_path / f"{count}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "step_runner.py"), str(out), str(num_steps)],
+        check=True,
+        env=env | {"PYTHONPATH": REPO},
+        cwd=REPO,
+    )
+    return dict(np.load(out))
 
 
 def test_one_and_four_devices_agree(tmp_path):
-  one = _run_on_devices(tmp_path, 1)
-  four = _run_on_devices(tmp_path, 4)
-  assert int(one.pop('devices')) == 1 and int(four.pop('devices')) == 4
-  assert one.keys() == four.keys()
-  for key in one:
-    np.testing.assert_allclose(one[key], four[key], rtol=2e-4, atol=2e-5, err_msg=key)
+    one = _run_on_devices(tmp_path, 1)
+    four = _run_on_devices(tmp_path, 4)
+    assert int(one.pop("devices")) == 1 and int(four.pop("devices")) == 4
+    assert one.keys() == four.keys()
+    for key in one:
+        np.testing.assert_allclose(one[key], four[key], rtol=2e-4, atol=2e-5, err_msg=key)

@@ -5,36 +5,38 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medjax.models import layers
+
 
 class PaperCNN(nn.Module):
-  """Plain convolutional classifier; returns float32 logits (softmax lives in the loss)."""
+    """Plain convolutional classifier; returns float32 logits (softmax lives in the loss)."""
 
-  num_classes: int
-  features: Sequence[int] = (16, 32, 64, 128)
-  dense_features: int = 128
-  dropout_rate: float = 0.3
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  dtype: Any = jnp.float32
+    num_classes: int
+    features: Sequence[int] = (16, 32, 64, 128)
+    dense_features: int = 128
+    dropout_rate: float = 0.3
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    x = x.astype(self.dtype)
-    for i, width in enumerate(self.features):
-      x = nn.Conv(width, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
-      x = nn.BatchNorm(
-          use_running_average=not train,
-          momentum=self.bn_momentum,
-          epsilon=self.bn_epsilon,
-          dtype=self.dtype,
-          name=f'bn{i}',
-      )(x)
-      x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.dense_features, dtype=self.dtype, name='fc')(x)
-    x = nn.relu(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return x.astype(jnp.float32)
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        for i, width in enumerate(self.features):
+            x = layers.Conv(width, (3, 3), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon,
+                dtype=self.dtype,
+                name=f"bn{i}",
+            )(x)
+            x = nn.relu(x)
+            x = layers.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(self.dense_features, dtype=self.dtype, name="fc")(x)
+        x = nn.relu(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return x.astype(jnp.float32)
