@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.bn_momentum = 0.9
     config.model.bn_epsilon = 1e-5
     config.model.dtype = "float32"  # Compute dtype; 'bfloat16' for mixed precision on GPU/TPU.
+    # ResNets only: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'small' (3x3/1 conv, no max-pool).
+    config.model.stem = "imagenet"
+    # ResNets only: start each residual block's last batch-norm scale at 0 (Goyal et al., 2017).
+    config.model.zero_init_residual = False
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128  # Global, across all devices and processes.
@@ -65,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every_steps = 50
     config.train.eval_every_steps = 0  # 0: once an epoch.
     config.train.checkpoint_every_steps = 500
+    # Re-estimate batch-norm statistics on this many clean (unaugmented) training batches before each
+    # evaluation and the final checkpoint; 0 keeps the running averages gathered on augmented batches.
+    config.train.bn_calibration_batches = 50
     config.train.max_checkpoints_to_keep = 3
 
     config.eval = ml_collections.ConfigDict()

@@ -22,5 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.warmup_steps = 2
     config.train.log_every_steps = 2
     config.train.checkpoint_every_steps = 4
+    config.train.bn_calibration_batches = 2
     config.eval.batch_size = 16
     return config

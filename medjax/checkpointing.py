@@ -4,17 +4,19 @@ Layout: `<workdir>/checkpoints/<step>/{state,metadata}`. The metadata item carri
 names and preprocessing recipe, so an evaluation job needs nothing but the workdir.
 """
 
-import os
 from typing import Any
 
+from etils import epath
 from flax import serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medjax import files
+
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return str(epath.Path(files.absolute(workdir)) / "checkpoints")
 
 
 def create_manager(
@@ -22,7 +24,7 @@ def create_manager(
 ) -> ocp.CheckpointManager:
     """A manager for `<workdir>/checkpoints` with a `state` (pytree) and a `metadata` (JSON) item."""
     directory = checkpoint_dir(workdir)
-    if read_only and not os.path.isdir(directory):
+    if read_only and not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"No checkpoints directory at {directory}")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
     handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}

@@ -19,10 +19,10 @@ import tensorflow as tf
 from medjax import checkpointing
 from medjax import datasets
 from medjax import evaluation
+from medjax import files
 from medjax import models
 from medjax import sharding
 from medjax import steps
-from medjax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
@@ -61,7 +61,7 @@ def evaluate_checkpoint(
             raise ValueError(
                 f'Images in {folder} have shape {arrays["image"].shape[1:]}; the model expects {image_shape}.'
             )
-        source = {"folder": os.path.abspath(folder)}
+        source = {"folder": files.absolute(folder)}
     else:
         builder = datasets.prepare(
             config.data.name, tfds_dir or config.data.tfds_dir, manual_dir or config.data.manual_dir
@@ -83,7 +83,7 @@ def evaluate_checkpoint(
     report = evaluation.evaluate(
         predictor, variables, arrays, class_names, batch_size or config.eval.batch_size
     )
-    return report | source | {"checkpoint_step": step, "workdir": os.path.abspath(workdir)}
+    return report | source | {"checkpoint_step": step, "workdir": files.absolute(workdir)}
 
 
 def main(argv):
@@ -104,7 +104,7 @@ def main(argv):
     if _OUTPUT.value:
         paths.append(_OUTPUT.value)
     for path in paths:
-        train.write_json(path, report)
+        files.write_json(path, report)
     logging.info(
         "accuracy=%.5f macro_auc=%s on %d examples; report: %s",
         report["accuracy"],

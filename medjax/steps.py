@@ -107,6 +107,20 @@ def train_step(
     return new_state, metrics
 
 
+def batch_statistics(
+    params: Any, batch_stats: Any, images: jnp.ndarray, *, model: nn.Module, mean: float, std: float
+) -> Any:
+    """Batch-norm statistics of one (global) batch; `model` must be built with bn_momentum=0."""
+    _, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        normalize(images, mean, std),
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(0)},
+    )
+    return updates["batch_stats"]
+
+
 def eval_step(
     variables: dict, images: jnp.ndarray, *, model: nn.Module, mean: float, std: float
 ) -> jnp.ndarray:

@@ -8,7 +8,6 @@ import time
 from absl import logging
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -16,6 +15,7 @@ import medjax
 from medjax import checkpointing
 from medjax import datasets
 from medjax import evaluation
+from medjax import files
 from medjax import input_pipeline
 from medjax import models
 from medjax import sharding
@@ -67,10 +67,51 @@ def checkpoint_metadata(config: ml_collections.ConfigDict, class_names: list[str
     }
 
 
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+def batch_norm_calibrator(config, num_classes, train_data, mesh):
+    """A function state -> state whose batch-norm statistics are averaged over clean training batches.
+
+    Running averages collected on augmented images misfit clean evaluation images (on Medical MNIST this
+    cost ~0.5% validation accuracy at an unchanged AUC of 1.0). Re-estimating them on unaugmented training
+    batches ("precise BN") removes that bias without touching the learned weights.
+    """
+    num_batches = config.train.bn_calibration_batches
+    stats_config = config.model.copy_and_resolve_references()
+    stats_config.bn_momentum = 0.0  # Each call returns exactly this batch's statistics.
+    stats_fn = jax.jit(
+        functools.partial(
+            steps.batch_statistics,
+            model=models.create_model(stats_config, num_classes),
+            mean=config.data.mean,
+            std=config.data.std,
+        ),
+        in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+    clean = config.augment.copy_and_resolve_references()
+    clean.enabled = False
+
+    def calibrate(state: steps.TrainState) -> steps.TrainState:
+        if num_batches <= 0 or not state.batch_stats:
+            return state
+        batches = input_pipeline.train_dataset(
+            train_data["image"],
+            train_data["label"],
+            seed=config.seed + 1,
+            global_batch_size=config.train.batch_size,
+            start_step=0,
+            num_steps=num_batches,
+            aug=clean,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        total = None
+        for local in batches.as_numpy_iterator():
+            image = sharding.to_global(local, mesh)["image"]
+            stats = stats_fn(state.params, state.batch_stats, image)
+            total = stats if total is None else jax.tree_util.tree_map(jax.numpy.add, total, stats)
+        return state.replace(batch_stats=jax.tree_util.tree_map(lambda t: t / num_batches, total))
+
+    return calibrate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -114,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = checkpointing.restore_state(manager, start_step, state)
         logging.info("Resumed from %s at step %d.", manager.directory, start_step)
     else:
-        write_json(os.path.join(workdir, "config.json"), metadata)
+        files.write_json(os.path.join(workdir, "config.json"), metadata)
 
     train_step = jax.jit(
         functools.partial(
@@ -131,9 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         donate_argnums=0,
     )
     predictor = evaluation.Predictor(model, mesh, mean=config.data.mean, std=config.data.std)
+    calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh)
 
-    def run_eval(role):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+    def run_eval(role, eval_state):
+        variables = {"params": eval_state.params, "batch_stats": eval_state.batch_stats}
         return evaluation.evaluate(predictor, variables, data[role], class_names, config.eval.batch_size)
 
     train_ds = input_pipeline.train_dataset(
@@ -171,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
             history, last_log = [], (step, time.time())
         if step % eval_every == 0 and step != total_steps:
-            report = run_eval("eval")
+            report = run_eval("eval", calibrate(state))
             writer.write_scalars(
                 step, {"eval/accuracy": report["accuracy"], "eval/macro_auc": report["macro_auc"]}
             )
@@ -183,14 +225,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 report["macro_auc"],
             )
             last_log = (step, time.time())
-        if step % config.train.checkpoint_every_steps == 0 or step == total_steps:
-            checkpointing.save(manager, step, state, metadata)
+        if step % config.train.checkpoint_every_steps == 0 and step != total_steps:
+            checkpointing.save(manager, step, state, metadata | {"batch_stats": "running averages"})
+    if start_step < total_steps:
+        # The final checkpoint carries calibrated statistics; intermediate ones keep the running averages
+        # that an exact resume needs.
+        state = calibrate(state)
+        calibration = f"calibrated on {config.train.bn_calibration_batches} clean training batches"
+        checkpointing.save(manager, total_steps, state, metadata | {"batch_stats": calibration})
     manager.wait_until_finished()
 
     reports = {}
     for role in ("eval", "test"):
         split = config.data[f"{role}_split"]
-        report = run_eval(role) | {"split": split, "checkpoint_step": int(state.step)}
+        report = run_eval(role, state) | {"split": split, "checkpoint_step": int(state.step)}
         reports[split] = report
         writer.write_scalars(
             int(state.step),
@@ -204,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             report["num_examples"],
         )
         if jax.process_index() == 0:
-            write_json(os.path.join(workdir, "eval", f"{split}_step{int(state.step)}.json"), report)
+            files.write_json(os.path.join(workdir, "eval", f"{split}_step{int(state.step)}.json"), report)
     writer.flush()
     logging.info("Total wall time %.1fs.", time.time() - t0)
     return reports

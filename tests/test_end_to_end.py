@@ -52,6 +52,16 @@ def test_training_writes_checkpoints_reports_and_metadata(trained):
     assert saved["config"]["model"]["features"] == list(config.model.features)
 
 
+def test_final_checkpoint_has_calibrated_batch_norm_statistics(trained):
+    _, workdir, _ = trained
+    from medjax import checkpointing
+
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    last, earlier = sorted(manager.all_steps())[-2:][::-1]
+    assert checkpointing.restore_metadata(manager, last)["batch_stats"].startswith("calibrated on 2 clean")
+    assert checkpointing.restore_metadata(manager, earlier)["batch_stats"] == "running averages"
+
+
 def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     config, workdir, _ = trained
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())

@@ -296,19 +296,19 @@ BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
 def prepare(
     name: str, tfds_dir: str | None = None, manual_dir: str | None = None
 ) -> tfds.core.DatasetBuilder:
-    """Returns the builder for `name`, preparing the dataset if needed.
+    """Returns the builder for `name`, preparing the dataset if needed (a prepared one needs no source).
 
     tfds_dir None uses the TFDS default (or $TFDS_DATA_DIR). manual_dir None
     uses $MEDJAX_MANUAL_DIR if set, else the data is downloaded.
     """
     if name not in BUILDERS:
         raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(BUILDERS)}.')
-    if manual_dir is None:
-        manual_dir = os.environ.get("MEDJAX_MANUAL_DIR") or None
-    if manual_dir is not None and not os.path.isdir(manual_dir):
-        raise FileNotFoundError(f"Manual dir {manual_dir!r} does not exist.")
     builder = BUILDERS[name](data_dir=tfds_dir)
     if not builder.is_prepared():
+        if manual_dir is None:
+            manual_dir = os.environ.get("MEDJAX_MANUAL_DIR") or None
+        if manual_dir is not None and not os.path.isdir(manual_dir):
+            raise FileNotFoundError(f"Manual dir {manual_dir!r} does not exist.")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
 
