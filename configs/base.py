@@ -7,7 +7,10 @@ Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DI
 Evaluate a checkpoint afterwards:
   python -m medjax.evaluate --workdir=workdirs/base --split=test
 
-Measured result: see README.md "Results" (filled in from a real run, not estimated).
+Measured (2026-11-26, this repo's 2-core CPU, shared with other jobs: load ~6): 4 epochs, 1388 steps,
+test accuracy 99.945% (5495/5498), macro AUC 0.9999998, validation accuracy 99.982%;
+wall time 1238 s: loading the already-prepared TFDS data 13 s (a first preparation adds ~30 s), first step
+with compilation 10 s.
 """
 
 import ml_collections
@@ -33,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Pixel normalisation applied inside the jitted step: (x / 255 - mean) / std.
     config.data.mean = 0.5
     config.data.std = 0.25
+    # Inside the step, before normalising: resize to image_size x image_size (bilinear; 0: as stored) and
+    # convert to `channels` channels (gray -> RGB repeats, RGB -> gray averages; 0: as stored).
+    config.data.image_size = 0
+    config.data.channels = 0
 
     config.augment = ml_collections.ConfigDict()
     config.augment.enabled = True
@@ -76,5 +83,24 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 500
+
+    # Transfer learning (medjax/transfer.py): a medjax workdir (its latest checkpoint) or a directory
+    # written by `python -m medjax.convert` (e.g. ImageNet weights) to initialise the backbone from; the
+    # head is re-initialised for this dataset's classes. Unset: train from scratch. Ignored when the
+    # workdir already has a checkpoint (the run resumes from it).
+    config.init_from = config_dict.placeholder(str)
+    config.transfer = ml_collections.ConfigDict()
+    config.transfer.init_step = config_dict.placeholder(int)  # Unset: the source's latest step.
+    # 'full', 'linear_probe' (head only), 'frozen_stages' (stem + first `frozen_stages` stages frozen) or
+    # 'per_group_lr' (backbone at backbone_lr_multiplier x the learning rate).
+    config.transfer.mode = "full"
+    config.transfer.frozen_stages = 0
+    # Learning-rate factor of the trainable backbone in 'per_group_lr' and 'frozen_stages' modes.
+    config.transfer.backbone_lr_multiplier = 0.1
+    # When the source saw other input channels: 'sum' adapts the first conv kernel, 'repeat' converts the
+    # images to the source's channels inside the step.
+    config.transfer.input_adapter = "sum"
+    # Require config.data.mean/std to equal the source's normalisation.
+    config.transfer.check_preprocessing = True
 
     return config
