@@ -1,0 +1,217 @@
+"""The CPU fast path of medjax.models.layers against flax's native ops: values, gradients, parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import quick
+from medjax import models
+from medjax.models import layers
+
+
+def _assert_close(actual, expected, rtol=1e-5):
+    """Elementwise, relative to the largest magnitude of `expected` (sums reorder rounding errors)."""
+    expected = np.asarray(expected, np.float64)
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=rtol * scale)
+
+
+def _vjps(fns, *args):
+    """For each fn: its output and the gradients of <fn(*args), r> for a fixed, varied cotangent r.
+
+    Everything is one compiled call, traced here, so under the caller's layers.implementation.
+    """
+
+    def run(*args):
+        results = []
+        for fn in fns:
+            out, pullback = jax.vjp(fn, *args)
+            cotangent = jnp.cos(jnp.arange(out.size, dtype=jnp.float32) * 0.7).reshape(out.shape)
+            results.append((out, pullback(cotangent.astype(out.dtype))))
+        return results
+
+    return jax.jit(run)(*args)
+
+
+CONV_CASES = [
+    # (input shape, Conv kwargs)
+    ((2, 9, 9, 3), dict(features=4, kernel_size=(3, 3))),
+    ((2, 9, 9, 3), dict(features=4, kernel_size=(3, 3), strides=2, use_bias=False)),
+    ((2, 8, 8, 5), dict(features=6, kernel_size=(1, 1), strides=(2, 2), padding="VALID")),
+    ((2, 11, 7, 3), dict(features=4, kernel_size=(5, 5), strides=(1, 1), padding="VALID")),
+    ((2, 11, 7, 3), dict(features=4, kernel_size=(5, 5), strides=2, padding="SAME")),
+    ((2, 13, 13, 1), dict(features=8, kernel_size=(7, 7), strides=(2, 2), padding=3, use_bias=False)),
+    ((2, 13, 12, 1), dict(features=8, kernel_size=(7, 7), strides=2, padding=((3, 2), (3, 3)))),
+    ((3, 10, 9, 4), dict(features=6, kernel_size=(3, 3), padding=((0, 2), (1, 0)), strides=(2, 1))),
+    ((2, 9, 9, 4), dict(features=8, kernel_size=(3, 3), feature_group_count=2)),
+    ((2, 9, 9, 6), dict(features=6, kernel_size=(3, 3), strides=2, feature_group_count=6, use_bias=False)),
+    ((2, 9, 9, 3), dict(features=6, kernel_size=(5, 5), feature_group_count=3, padding="VALID")),
+    ((2, 9, 9, 3), dict(features=4, kernel_size=(3, 3), padding="CIRCULAR")),
+    # Outputs smaller than the kernel (patches @ kernel for the forward pass and input gradient).
+    ((2, 2, 2, 5), dict(features=4, kernel_size=(3, 3), padding=1)),
+    ((2, 4, 3, 5), dict(features=4, kernel_size=(3, 3), strides=2, padding=1, use_bias=False)),
+    ((2, 6, 6, 2), dict(features=3, kernel_size=(5, 5), strides=2, padding="VALID")),
+    ((2, 9, 9, 3), dict(features=4, kernel_size=3, kernel_dilation=2)),
+]
+
+
+@pytest.mark.parametrize("shape,kwargs", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_conv_matches_flax_conv(shape, kwargs):
+    x = jax.random.normal(jax.random.key(0), shape)
+    native, ours = nn.Conv(**kwargs), layers.Conv(**kwargs)
+    shapes = jax.eval_shape(native.init, jax.random.key(2), x)
+    assert jax.eval_shape(ours.init, jax.random.key(2), x) == shapes  # Same names, shapes and dtypes.
+    rng = np.random.default_rng(0)  # Cheaper than compiling each initializer; those are tested below.
+    variables = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+    with layers.implementation("fast"):
+        (out, (d_vars, d_x)), (ref_out, (ref_d_vars, ref_d_x)) = _vjps(
+            [ours.apply, native.apply], variables, x
+        )
+    _assert_close(out, ref_out)
+    _assert_close(d_x, ref_d_x)
+    jax.tree_util.tree_map(_assert_close, d_vars, ref_d_vars)
+
+
+def test_conv_xla_path_is_flax_conv():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+    kwargs = dict(features=4, kernel_size=(3, 3), strides=2, padding=((1, 0), (2, 1)))
+    native, ours = nn.Conv(**kwargs), layers.Conv(**kwargs)
+    variables, own_variables = jax.jit(lambda k: (native.init(k, x), ours.init(k, x)))(jax.random.key(1))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, own_variables, variables)  # Same initial values.
+    with layers.implementation("xla"):
+        (out, grads), (ref_out, ref_grads) = _vjps([ours.apply, native.apply], variables, x)
+    np.testing.assert_array_equal(out, ref_out)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, grads, ref_grads)
+
+
+def test_conv_auto_names_match_flax():
+    class Net(nn.Module):
+        conv: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.conv(3, (3, 3))(self.conv(2, (1, 1), use_bias=False)(x))
+
+    x = jnp.ones((1, 5, 5, 2))
+    ours = jax.tree_util.tree_map(jnp.shape, Net(layers.Conv).init(jax.random.key(0), x))
+    theirs = jax.tree_util.tree_map(jnp.shape, Net(nn.Conv).init(jax.random.key(0), x))
+    assert (
+        ours
+        == theirs
+        == {"params": {"Conv_0": {"kernel": (3, 3, 2, 3), "bias": (3,)}, "Conv_1": {"kernel": (1, 1, 2, 2)}}}
+    )
+
+
+POOL_CASES = [
+    # (input shape, window, strides, padding)
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+    ((2, 9, 7, 3), (2, 2), (2, 2), "VALID"),
+    ((2, 9, 7, 3), (2, 2), (2, 2), "SAME"),
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 9, 9, 3), (3, 3), (2, 2), "VALID"),
+    ((2, 9, 10, 3), (3, 3), (2, 2), "SAME"),
+    ((2, 7, 7, 3), (3, 3), (2, 2), ((0, 1), (1, 0))),
+    ((2, 6, 6, 3), (3, 3), None, "SAME"),
+    ((2, 6, 6, 2), (2, 3), (1, 2), "VALID"),
+]
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", POOL_CASES)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pooling_matches_flax(kind, shape, window, strides, padding):
+    # Rounded values make ties, which must go to the first maximum of a window, as XLA's gradient does.
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2.0) / 2.0
+    ours = {"max": layers.max_pool, "avg": layers.avg_pool}[kind]
+    native = {"max": nn.max_pool, "avg": nn.avg_pool}[kind]
+    with layers.implementation("fast"):
+        (out, (d_x,)), (ref_out, (ref_d_x,)) = _vjps(
+            [lambda x: ours(x, window, strides, padding), lambda x: native(x, window, strides, padding)], x
+        )
+    _assert_close(out, ref_out)
+    _assert_close(d_x, ref_d_x)
+
+
+def test_max_pool_gradient_goes_to_first_maximum_only():
+    x = jnp.zeros((1, 4, 4, 1))  # Every window is one big tie.
+    with layers.implementation("fast"):
+        grad = jax.grad(lambda x: layers.max_pool(x, (2, 2), strides=(2, 2)).sum())(x)
+    expected = np.zeros((4, 4))
+    expected[::2, ::2] = 1.0
+    np.testing.assert_array_equal(grad[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize("n", [6, 7])
+def test_chunked_weight_gradient_matches_one_chunk(n):
+    x = jax.random.normal(jax.random.key(0), (n, 10, 9, 3))
+    g = jax.random.normal(jax.random.key(1), (n, 5, 5, 4))
+    kernel_shape, strides, pads = (3, 3, 3, 4), (2, 2), ((1, 1), (2, 1))
+    per_image = 5 * 5 * 9 * 3 * 4  # Bytes of one image's patches.
+    results = []
+    # One chunk; 2 images a chunk (divides 6; 7 gets a zero image); 1 image a chunk, also below that.
+    for limit in (n * per_image, 2 * per_image, per_image, 1):
+        with layers.patch_bytes_limit_set_to(limit):
+            grad = jax.jit(lambda x, g: layers.conv_weight_grad(x, g, kernel_shape, strides, pads))
+            results.append(grad(x, g))
+    ref = jax.vjp(lambda k: layers._native_conv(x, k, strides, pads), jnp.zeros(kernel_shape))[1](g)[0]
+    for result in results:
+        _assert_close(result, ref)
+
+
+def test_bfloat16_compute_with_float32_params():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    kwargs = dict(features=4, kernel_size=(3, 3), strides=2, dtype=jnp.bfloat16)
+    variables = nn.Conv(**kwargs).init(jax.random.key(1), x)
+    with layers.implementation("fast"):
+        (out, (d_vars, _)), (ref_out, (ref_d_vars, _)) = _vjps(
+            [layers.Conv(**kwargs).apply, nn.Conv(**kwargs).apply], variables, x
+        )
+        pooled = layers.max_pool(out, (2, 2), strides=(2, 2))
+    assert out.dtype == pooled.dtype == jnp.bfloat16
+    assert d_vars["params"]["kernel"].dtype == jnp.float32
+    _assert_close(out, ref_out, rtol=2e-2)
+    jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, rtol=3e-2), d_vars, ref_d_vars)
+
+
+def test_implementation_is_chosen_at_trace_time():
+    x = jnp.ones((1, 4, 4, 1))
+
+    def primitives(name):
+        with layers.implementation(name):
+            jaxpr = jax.make_jaxpr(jax.grad(lambda x: layers.max_pool(x, (2, 2), (2, 2)).sum()))(x)
+        return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+
+    assert "reduce_window_max" not in primitives("fast")
+    assert "reduce_window_max" in str(primitives("xla")) or "select_and_scatter_add" in primitives("xla")
+    assert layers.use_fast_path() == (jax.default_backend() == "cpu")
+    # A 2x2 map under a 3x3 kernel: patches @ kernel instead of XLA:CPU's slow path for it.
+    conv = layers.Conv(4, (3, 3), padding=1)
+    variables = jax.eval_shape(conv.init, jax.random.key(0), jnp.ones((1, 2, 2, 3)))
+    with layers.implementation("fast"):
+        jaxpr = jax.make_jaxpr(conv.apply)(variables, jnp.ones((1, 2, 2, 3)))
+    assert "conv_general_dilated" not in str(jaxpr) and "dot_general" in str(jaxpr)
+    with pytest.raises(ValueError, match="Unknown layers implementation"):
+        layers.set_implementation("im2col")
+
+
+def test_model_gradients_same_on_both_paths():
+    """The quick paper CNN in training mode (batch norm, max-pool, dropout off): loss and gradients."""
+    config = quick.get_config()
+    config.model.dropout_rate = 0.0
+    model = models.create_model(config.model, 6)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 16, 1)), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+    results = {}
+    for name in ("fast", "xla"):
+        with layers.implementation(name):
+            results[name] = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    _assert_close(results["fast"][0], results["xla"][0])
+    jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, rtol=1e-4), results["fast"][1], results["xla"][1])
