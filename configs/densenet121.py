@@ -1,0 +1,25 @@
+r"""DenseNet-121 (torchvision layout) on 64x64x1 Medical MNIST.
+
+~0.43 GFLOPs per image in 120 thin convs (slow per FLOP on a CPU), so one epoch; no dropout
+(torchvision's default drop_rate 0).
+
+Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+  python -m medjax.main --config=configs/densenet121.py --workdir=workdirs/densenet121 \
+    --config.data.manual_dir=../shared/data
+
+Measured result: see README results table.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the DenseNet-121 configuration."""
+    config = base.get_config()
+    config.model.name = "densenet121"
+    config.model.dropout_rate = 0.0
+    config.train.num_epochs = 1.0
+    config.train.learning_rate = 1e-3
+    return config

