@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.label_smoothing = 0.0
     config.train.log_every_steps = 50
     config.train.eval_every_steps = 0  # 0: once an epoch.
+    # Stop after the first evaluation whose accuracy reaches this (unset: train all epochs).
+    config.train.stop_at_eval_accuracy = config_dict.placeholder(float)
     config.train.checkpoint_every_steps = 500
     # Re-estimate batch-norm statistics on this many clean (unaugmented) training batches before each
     # evaluation and the final checkpoint; 0 keeps the running averages gathered on augmented batches.

@@ -103,3 +103,32 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     check_structure(saved, target, f"{manager.directory}/{step}")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return serialization.from_state_dict(abstract_state, restored.state)
+
+
+def restore_variables(workdir: str, step: int, abstract_variables: dict) -> dict:
+    """Restores only the model variables ({'params', 'batch_stats'}) of the state saved at `step`.
+
+    Works for training checkpoints (whatever their optimizer state) and for converted ones that hold
+    only the variables. The saved variables are checked against `abstract_variables` first (any
+    difference is an error listing it). Leaves with a `sharding` restore as jax arrays laid out so,
+    the others as numpy arrays.
+    """
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+    saved_tree = manager.item_metadata(step).state
+    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    saved = {name: saved_tree[name] for name in abstract_variables if name in saved_tree}
+    check_structure(saved, abstract_variables, f"{manager.directory}/{step}")
+
+    def restore_args(leaf):
+        if getattr(leaf, "sharding", None) is not None:
+            return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+
+    args = ocp.args.PyTreeRestore(
+        item=abstract_variables,
+        restore_args=jax.tree_util.tree_map(restore_args, abstract_variables),
+        partial_restore=True,
+    )
+    return dict(manager.restore(step, args=ocp.args.Composite(state=args)).state)

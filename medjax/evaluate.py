@@ -23,6 +23,7 @@ from medjax import files
 from medjax import models
 from medjax import sharding
 from medjax import steps
+from medjax import transfer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
@@ -71,15 +72,18 @@ def evaluate_checkpoint(
 
     mesh = sharding.create_mesh()
     model = models.create_model(config.model, num_classes=len(class_names))
-    tx = steps.create_optimizer(config.train, total_steps=1)
-    abstract_state = jax.eval_shape(lambda: steps.init_state(model, tx, jax.random.key(0), image_shape))
-    abstract_state = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), abstract_state
+    # Only the variables are restored, so any optimizer (e.g. transfer learning's) reads back the same way.
+    input_kwargs = {k: preprocessing.get(k, 0) for k in ("image_size", "channels")}
+    input_shape = steps.model_input_shape(image_shape, **input_kwargs)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+        transfer.abstract_variables(model, input_shape),
     )
-    state = checkpointing.restore_state(manager, step, abstract_state)
+    variables = checkpointing.restore_variables(workdir, step, abstract)
 
-    predictor = evaluation.Predictor(model, mesh, mean=preprocessing["mean"], std=preprocessing["std"])
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    predictor = evaluation.Predictor(
+        model, mesh, mean=preprocessing["mean"], std=preprocessing["std"], **input_kwargs
+    )
     report = evaluation.evaluate(
         predictor, variables, arrays, class_names, batch_size or config.eval.batch_size
     )

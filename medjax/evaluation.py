@@ -16,10 +16,21 @@ from medjax import steps
 class Predictor:
     """Runs the jitted eval step over a dataset held in memory and returns its class probabilities."""
 
-    def __init__(self, model: nn.Module, mesh: jax.sharding.Mesh, *, mean: float, std: float):
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh: jax.sharding.Mesh,
+        *,
+        mean: float,
+        std: float,
+        image_size: int = 0,
+        channels: int = 0,
+    ):
         self._mesh = mesh
         self._step = jax.jit(
-            functools.partial(steps.eval_step, model=model, mean=mean, std=std),
+            functools.partial(
+                steps.eval_step, model=model, mean=mean, std=std, image_size=image_size, channels=channels
+            ),
             in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
             out_shardings=sharding.batch_sharded(mesh),
         )

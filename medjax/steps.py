@@ -25,6 +25,46 @@ def normalize(images: jnp.ndarray, mean: float, std: float) -> jnp.ndarray:
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def preprocessing(data_config: ml_collections.ConfigDict) -> dict:
+    """The step's input recipe from `config.data`: keyword arguments of `preprocess`."""
+    return {
+        "mean": data_config.mean,
+        "std": data_config.std,
+        "image_size": data_config.get("image_size", 0),
+        "channels": data_config.get("channels", 0),
+    }
+
+
+def model_input_shape(image_shape, image_size: int = 0, channels: int = 0) -> tuple[int, int, int]:
+    """The [H, W, C] the model sees once `preprocess` has resized and converted [H, W, C] images."""
+    height, width, depth = image_shape
+    if image_size:
+        height = width = image_size
+    return (height, width, channels or depth)
+
+
+def preprocess(
+    images: jnp.ndarray, *, mean: float, std: float, image_size: int = 0, channels: int = 0
+) -> jnp.ndarray:
+    """uint8 [N, H, W, C] pixels -> the model's float32 input.
+
+    `channels` (0: as stored) converts grayscale to RGB by repeating the channel and RGB to grayscale by
+    averaging the channels; `image_size` (0: as stored) resizes bilinearly (antialiased when shrinking)
+    to image_size x image_size; then pixels are normalized as (x / 255 - mean) / std.
+    """
+    x = images.astype(jnp.float32)
+    depth = x.shape[-1]
+    if channels and channels != depth and depth != 1 and channels != 1:
+        raise ValueError(f"Cannot convert {depth}-channel images to channels={channels}; only 1 <-> C.")
+    if channels == 1 and depth != 1:
+        x = jnp.mean(x, axis=-1, keepdims=True)
+    if image_size and x.shape[1:3] != (image_size, image_size):
+        x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[-1]), "bilinear")
+    if channels and depth == 1 and channels != 1:
+        x = jnp.repeat(x, channels, axis=-1)
+    return normalize(x, mean, std)
+
+
 def learning_rate_schedule(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     lr, warmup = train_config.learning_rate, min(train_config.warmup_steps, total_steps)
     if train_config.schedule == "cosine":
@@ -55,8 +95,17 @@ def create_optimizer(
     raise ValueError(f"Unknown config.train.optimizer={name!r}; known: 'adam', 'adamw', 'sgd'")
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, image_shape) -> TrainState:
-    variables = model.init({"params": key}, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False)
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    image_shape,
+    image_size: int = 0,
+    channels: int = 0,
+) -> TrainState:
+    """A fresh state for `image_shape` images (as stored; see `preprocess` for image_size/channels)."""
+    shape = model_input_shape(image_shape, image_size, channels)
+    variables = model.init({"params": key}, jnp.zeros((1,) + shape, jnp.uint8), train=False)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -76,9 +125,11 @@ def train_step(
     mean: float,
     std: float,
     label_smoothing: float,
+    image_size: int = 0,
+    channels: int = 0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch. Batch-norm statistics are over the whole global batch."""
-    images = normalize(batch["image"], mean, std)
+    images = preprocess(batch["image"], mean=mean, std=std, image_size=image_size, channels=channels)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -108,12 +159,20 @@ def train_step(
 
 
 def batch_statistics(
-    params: Any, batch_stats: Any, images: jnp.ndarray, *, model: nn.Module, mean: float, std: float
+    params: Any,
+    batch_stats: Any,
+    images: jnp.ndarray,
+    *,
+    model: nn.Module,
+    mean: float,
+    std: float,
+    image_size: int = 0,
+    channels: int = 0,
 ) -> Any:
     """Batch-norm statistics of one (global) batch; `model` must be built with bn_momentum=0."""
     _, updates = model.apply(
         {"params": params, "batch_stats": batch_stats},
-        normalize(images, mean, std),
+        preprocess(images, mean=mean, std=std, image_size=image_size, channels=channels),
         train=True,
         mutable=["batch_stats"],
         rngs={"dropout": jax.random.key(0)},
@@ -122,8 +181,16 @@ def batch_statistics(
 
 
 def eval_step(
-    variables: dict, images: jnp.ndarray, *, model: nn.Module, mean: float, std: float
+    variables: dict,
+    images: jnp.ndarray,
+    *,
+    model: nn.Module,
+    mean: float,
+    std: float,
+    image_size: int = 0,
+    channels: int = 0,
 ) -> jnp.ndarray:
     """Class probabilities in inference mode (running batch-norm statistics, no dropout)."""
-    logits = model.apply(variables, normalize(images, mean, std), train=False)
+    images = preprocess(images, mean=mean, std=std, image_size=image_size, channels=channels)
+    logits = model.apply(variables, images, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

@@ -20,6 +20,7 @@ from medjax import input_pipeline
 from medjax import models
 from medjax import sharding
 from medjax import steps
+from medjax import transfer
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
@@ -51,8 +52,11 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
     return data, class_names
 
 
-def checkpoint_metadata(config: ml_collections.ConfigDict, class_names: list[str], image_shape) -> dict:
+def checkpoint_metadata(
+    config: ml_collections.ConfigDict, class_names: list[str], image_shape, prep: dict | None = None
+) -> dict:
     """What an evaluation job needs to rebuild the model and its preprocessing from a workdir."""
+    prep = prep or steps.preprocessing(config.data)
     return {
         "medjax_version": medjax.__version__,
         "config": json.loads(config.to_json_best_effort()),
@@ -61,13 +65,12 @@ def checkpoint_metadata(config: ml_collections.ConfigDict, class_names: list[str
             "image_shape": list(image_shape),
             "pixel_dtype": "uint8",
             "normalize": "(x / 255 - mean) / std",
-            "mean": config.data.mean,
-            "std": config.data.std,
+            **prep,
         },
     }
 
 
-def batch_norm_calibrator(config, num_classes, train_data, mesh):
+def batch_norm_calibrator(config, num_classes, train_data, mesh, prep):
     """A function state -> state whose batch-norm statistics are averaged over clean training batches.
 
     Running averages collected on augmented images misfit clean evaluation images (on Medical MNIST this
@@ -81,8 +84,7 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh):
         functools.partial(
             steps.batch_statistics,
             model=models.create_model(stats_config, num_classes),
-            mean=config.data.mean,
-            std=config.data.std,
+            **prep,
         ),
         in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharded(mesh)),
         out_shardings=sharding.replicated(mesh),
@@ -139,22 +141,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
     eval_every = config.train.eval_every_steps or steps_per_epoch
 
+    prep = transfer.preprocessing(config)
+    input_shape = steps.model_input_shape(image_shape, prep["image_size"], prep["channels"])
     model = models.create_model(config.model, num_classes=len(class_names))
-    tx = steps.create_optimizer(config.train, total_steps)
+    tx = transfer.create_optimizer(config, total_steps, input_shape)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     replicated = sharding.replicated(mesh)
     state = jax.jit(
-        functools.partial(steps.init_state, model, tx, image_shape=image_shape), out_shardings=replicated
+        functools.partial(steps.init_state, model, tx, image_shape=input_shape), out_shardings=replicated
     )(init_key)
 
     manager = checkpointing.create_manager(workdir, max_to_keep=config.train.max_checkpoints_to_keep)
-    metadata = checkpoint_metadata(config, class_names, image_shape)
+    metadata = checkpoint_metadata(config, class_names, image_shape, prep)
     start_step = 0
     if manager.latest_step() is not None:
         start_step = manager.latest_step()
         state = checkpointing.restore_state(manager, start_step, state)
         logging.info("Resumed from %s at step %d.", manager.directory, start_step)
     else:
+        state = transfer.init_from(config, state, tx, input_shape, replicated)
         files.write_json(os.path.join(workdir, "config.json"), metadata)
 
     train_step = jax.jit(
@@ -163,16 +168,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             model=model,
             tx=tx,
             dropout_key=dropout_key,
-            mean=config.data.mean,
-            std=config.data.std,
             label_smoothing=config.train.label_smoothing,
+            **prep,
         ),
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    predictor = evaluation.Predictor(model, mesh, mean=config.data.mean, std=config.data.std)
-    calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh)
+    predictor = evaluation.Predictor(model, mesh, **prep)
+    calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh, prep)
 
     def run_eval(role, eval_state):
         variables = {"params": eval_state.params, "batch_stats": eval_state.batch_stats}
@@ -225,6 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 report["macro_auc"],
             )
             last_log = (step, time.time())
+            target = config.train.get("stop_at_eval_accuracy")
+            if target is not None and report["accuracy"] >= target:
+                logging.info("Stopping early at step %d: accuracy reached %s.", step, target)
+                total_steps = step  # The final checkpoint and reports are for this step.
+                break
         if step % config.train.checkpoint_every_steps == 0 and step != total_steps:
             checkpointing.save(manager, step, state, metadata | {"batch_stats": "running averages"})
     if start_step < total_steps:

@@ -1,16 +1,20 @@
-"""Datasets as TFDS builders, plus helpers to read image folders."""
+"""Datasets as TFDS builders, registered by name for `config.data.name`, plus helpers to read image folders.
 
+Medical MNIST (medical_mnist) and the MedMNIST v2 28x28 datasets (pneumoniamnist, breastmnist,
+retinamnist, ...; medjax/datasets/medmnist.py).
+"""
+
+from medjax.datasets import medical_mnist
+from medjax.datasets import medmnist
 from medjax.datasets.medical_mnist import (
-    BUILDERS,
     CLASS_NAMES,
     IMAGE_SHAPE,
     MedicalMnist,
     decode_image,
-    load_split,
-    prepare,
     read_class_folder,
     split_for_hash,
 )
+from medjax.datasets.registry import BUILDERS, load_split, prepare, register
 
 __all__ = [
     "BUILDERS",
@@ -19,7 +23,10 @@ __all__ = [
     "MedicalMnist",
     "decode_image",
     "load_split",
+    "medical_mnist",
+    "medmnist",
     "prepare",
     "read_class_folder",
+    "register",
     "split_for_hash",
 ]

@@ -18,6 +18,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from medjax.datasets import registry
+from medjax.datasets.registry import load_split, prepare  # noqa: F401  (kept importable from here)
+
 CLASS_NAMES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 IMAGE_SHAPE = (64, 64, 1)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -199,8 +202,11 @@ def _has_class_folder(path: str) -> bool:
     return any(os.path.isdir(os.path.join(path, c)) for c in CLASS_NAMES)
 
 
+@registry.register("medical_mnist")
 class MedicalMnist(tfds.core.GeneratorBasedBuilder):
     """Medical MNIST / MedNIST, deduplicated, with content-hash splits."""
+
+    SORT_KEY = "file_name"  # load_split's order, as read_class_folder's.
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {
@@ -285,46 +291,3 @@ class MedicalMnist(tfds.core.GeneratorBasedBuilder):
                 "Delete the file and retry."
             )
         return os.fspath(dl_manager.extract(archive) / "MedNIST")
-
-
-# Dataset name -> builder class; more datasets (e.g. pneumoniamnist) go here.
-BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
-    "medical_mnist": MedicalMnist,
-}
-
-
-def prepare(
-    name: str, tfds_dir: str | None = None, manual_dir: str | None = None
-) -> tfds.core.DatasetBuilder:
-    """Returns the builder for `name`, preparing the dataset if needed (a prepared one needs no source).
-
-    tfds_dir None uses the TFDS default (or $TFDS_DATA_DIR). manual_dir None
-    uses $MEDJAX_MANUAL_DIR if set, else the data is downloaded.
-    """
-    if name not in BUILDERS:
-        raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(BUILDERS)}.')
-    builder = BUILDERS[name](data_dir=tfds_dir)
-    if not builder.is_prepared():
-        if manual_dir is None:
-            manual_dir = os.environ.get("MEDJAX_MANUAL_DIR") or None
-        if manual_dir is not None and not os.path.isdir(manual_dir):
-            raise FileNotFoundError(f"Manual dir {manual_dir!r} does not exist.")
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return builder
-
-
-def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
-    """Loads a whole split as numpy arrays sorted by file_name.
-
-    Same keys and dtypes as read_class_folder: 'image' uint8 [N, 64, 64, 1],
-    'label' int32 [N], 'file_name' str, 'sha256' str.
-    """
-    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    file_names = np.array([f.decode() for f in data["file_name"]], dtype=str)
-    order = np.argsort(file_names, kind="stable")
-    return {
-        "image": data["image"][order],
-        "label": data["label"][order].astype(np.int32),
-        "file_name": file_names[order],
-        "sha256": np.array([s.decode() for s in data["sha256"]], dtype=str)[order],
-    }

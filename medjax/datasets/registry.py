@@ -1,0 +1,60 @@
+"""Dataset name -> TFDS builder class, and the two calls training uses: `prepare` and `load_split`."""
+
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Filled by `register` as the dataset modules are imported (medjax.datasets imports them all).
+BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {}
+
+
+def register(name: str):
+    """Class decorator: makes `config.data.name=name` build this TFDS builder class."""
+
+    def add(cls):
+        if name in BUILDERS and BUILDERS[name] is not cls:
+            raise ValueError(f"Dataset {name!r} is already registered to {BUILDERS[name].__name__}.")
+        BUILDERS[name] = cls
+        return cls
+
+    return add
+
+
+def prepare(
+    name: str, tfds_dir: str | None = None, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """Returns the builder for `name`, preparing the dataset if needed (a prepared one needs no source).
+
+    tfds_dir None uses the TFDS default (or $TFDS_DATA_DIR). manual_dir None uses $MEDJAX_MANUAL_DIR if
+    set, else the builder's own source (Medical MNIST downloads; MedMNIST needs a manual dir).
+    """
+    if name not in BUILDERS:
+        raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(BUILDERS)}.')
+    builder = BUILDERS[name](data_dir=tfds_dir)
+    if not builder.is_prepared():
+        if manual_dir is None:
+            manual_dir = os.environ.get("MEDJAX_MANUAL_DIR") or None
+        if manual_dir is not None and not os.path.isdir(manual_dir):
+            raise FileNotFoundError(f"Manual dir {manual_dir!r} does not exist.")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
+    """Loads a whole split as numpy arrays, sorted by the builder's `SORT_KEY` feature.
+
+    'image' uint8 [N, H, W, C] and 'label' int32 [N], plus the builder's other features (text as str).
+    """
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    arrays = {}
+    for key, value in data.items():
+        if value.dtype == object:
+            value = np.array([v.decode() for v in value], dtype=str)
+        arrays[key] = value
+    arrays["label"] = arrays["label"].astype(np.int32)
+    sort_key = getattr(builder, "SORT_KEY", None)
+    if sort_key is not None:
+        order = np.argsort(arrays[sort_key], kind="stable")
+        arrays = {key: value[order] for key, value in arrays.items()}
+    return arrays
