@@ -1,0 +1,291 @@
+r"""Images/s of the compiled train step: medjax (CPU fast path and XLA native) vs the same model in PyTorch.
+
+Each measurement runs in its own subprocess (clean peak RSS, no shared caches), and the variants of a
+model alternate within every round (order rotated each round), so a noisy machine slows them alike.
+Prints one JSON object per measurement and, last, a summary: medians over rounds of images/s, peak RSS
+and compile time; `ratio_vs_torch` divides those medians, `ratio_vs_torch_paired` is the median of the
+same-round ratios (the fairer one when the machine's load drifts between rounds).
+
+  python benchmarks/train_throughput.py                                    # all models, 3 rounds
+  python benchmarks/train_throughput.py --models=issue_cnn --rounds=5 --steps=10
+
+Needs the `bench` extra (torch) for the PyTorch variant. Synthetic uint8 64x64x1 batches, 6 classes,
+Adam, batch norm and dropout in training mode, labels and pixel normalisation as in medjax's step.
+"""
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+NUM_CLASSES = 6
+IMAGE_SHAPE = (64, 64, 1)
+
+# name -> (config.model overrides, timed steps, warm-up steps). ResNet-18 steps are ~10 s on 2 cores.
+MODELS = {
+    "paper_cnn": ({}, 10, 2),
+    # The issue's conv32-pool-conv64-pool-dense net: 117,264 parameters with a 6-unit hidden layer.
+    "issue_cnn": ({"features": (32, 64), "dense_features": 6}, 10, 2),
+    "resnet18_imagenet": ({"name": "resnet18", "stem": "imagenet"}, 4, 1),
+    "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),
+}
+VARIANTS = ("medjax", "medjax_xla", "torch")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS; VmHWM on Linux, as ru_maxrss also counts a forking parent's pages."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _synthetic_batch(batch_size: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size,) + IMAGE_SHAPE, dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
+    return images, labels
+
+
+def model_config(name: str, dtype: str = "float32"):
+    """configs/base.py's model config with the benchmark's overrides."""
+    from configs import base
+
+    config = base.get_config()
+    overrides, _, _ = MODELS[name]
+    for key, value in overrides.items():
+        config.model[key] = value
+    config.model.dtype = dtype
+    return config
+
+
+def run_medjax(spec: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from medjax import models, steps
+    from medjax.models import layers
+
+    config = model_config(spec["model"], spec.get("dtype", "float32"))
+    config.train.optimizer = "adam"
+    config.train.schedule = "constant"
+    model = models.create_model(config.model, NUM_CLASSES)
+    tx = steps.create_optimizer(config.train, 1000)
+    images, labels = _synthetic_batch(spec["batch_size"])
+    batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+    with layers.implementation(spec["implementation"]):
+        state = jax.jit(functools.partial(steps.init_state, model, tx, image_shape=IMAGE_SHAPE))(
+            jax.random.key(0)
+        )
+        step = jax.jit(
+            functools.partial(
+                steps.train_step,
+                model=model,
+                tx=tx,
+                dropout_key=jax.random.key(1),
+                mean=config.data.mean,
+                std=config.data.std,
+                label_smoothing=0.0,
+            ),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    for _ in range(spec["warmup"]):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    assert np.isfinite(float(metrics["loss"]))
+    return {"compile_s": compile_s, "step_times": times, "num_params": num_params}
+
+
+def run_torch(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_models
+
+    config = model_config(spec["model"])
+    torch.manual_seed(0)
+    if config.model.name == "paper_cnn":
+        model = torch_models.PaperCNN(
+            NUM_CLASSES, tuple(config.model.features), config.model.dense_features, config.model.dropout_rate
+        )
+    else:
+        model = torch_models.ResNet18(NUM_CLASSES, stem=config.model.stem)
+    memory_format = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    opt = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate)
+    images, labels = _synthetic_batch(spec["batch_size"])
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    labels = torch.from_numpy(labels).long()
+    mean, std = config.data.mean, config.data.std
+
+    def step():
+        x = (images.float() / 255.0 - mean) / std
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    assert np.isfinite(float(loss))
+    num_params = sum(p.numel() for p in model.parameters())
+    return {
+        "compile_s": 0.0,
+        "step_times": times,
+        "num_params": num_params,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def worker(spec: dict) -> dict:
+    rss_start = _peak_rss_mb()
+    result = run_torch(spec) if spec["variant"] == "torch" else run_medjax(spec)
+    step_s = statistics.median(result.pop("step_times"))
+    return dict(
+        spec,
+        **result,
+        step_s=step_s,
+        images_per_second=spec["batch_size"] / step_s,
+        peak_rss_mb=_peak_rss_mb(),
+        rss_at_start_mb=rss_start,
+    )
+
+
+def measure(spec: dict) -> dict:
+    """Runs one spec in a fresh subprocess and returns its JSON result (or an error record)."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        return dict(spec, error=proc.stderr[-2000:])
+    return json.loads(lines[-1])
+
+
+def summarize(results: list[dict]) -> dict:
+    ok = [r for r in results if "error" not in r]
+    medians = {}
+    for r in ok:
+        medians.setdefault(r["model"], {}).setdefault(r["variant"], []).append(r)
+    ips, ratios, memory, compile_s, params = {}, {}, {}, {}, {}
+    for model, by_variant in medians.items():
+        ips[model] = {
+            v: statistics.median(r["images_per_second"] for r in rs) for v, rs in by_variant.items()
+        }
+        memory[model] = {v: statistics.median(r["peak_rss_mb"] for r in rs) for v, rs in by_variant.items()}
+        compile_s[model] = {
+            v: statistics.median(r["compile_s"] for r in rs) for v, rs in by_variant.items() if v != "torch"
+        }
+        params[model] = {v: rs[0]["num_params"] for v, rs in by_variant.items()}
+        if "torch" in ips[model]:
+            ratios[model] = {v: ips[model][v] / ips[model]["torch"] for v in ips[model] if v != "torch"}
+            ratios[model].update(
+                {
+                    f"{v}_peak_rss": memory[model][v] / memory[model]["torch"]
+                    for v in memory[model]
+                    if v != "torch"
+                }
+            )
+    # Same-round ratios: variants of a round ran back to back, so they share the machine's load.
+    paired = {}
+    for model, by_variant in medians.items():
+        torch_by_round = {r["round"]: r["images_per_second"] for r in by_variant.get("torch", [])}
+        for v, rs in by_variant.items():
+            same_round = [
+                r["images_per_second"] / torch_by_round[r["round"]]
+                for r in rs
+                if r["round"] in torch_by_round
+            ]
+            if v != "torch" and same_round:
+                paired.setdefault(model, {})[v] = statistics.median(same_round)
+    return {
+        "summary": True,
+        "ratio_vs_torch_paired": paired,
+        "ratio_vs_torch": ratios,
+        "images_per_second": ips,
+        "peak_rss_mb": memory,
+        "compile_s": compile_s,
+        "num_params": params,
+        "errors": len(results) - len(ok),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default=",".join(MODELS), help=f"Comma-separated, from {list(MODELS)}.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, from {VARIANTS}.")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=0, help="Timed steps per run (0: the model's default).")
+    parser.add_argument("--warmup", type=int, default=-1, help="Untimed steps after compile (-1: default).")
+    parser.add_argument("--dtype", default="float32", help="medjax compute dtype (float32 or bfloat16).")
+    parser.add_argument("--torch_channels_last", action="store_true", help="PyTorch in NHWC memory format.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+
+    print(json.dumps({"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count()}), flush=True)
+    variants = args.variants.split(",")
+    results = []
+    for r in range(args.rounds):
+        for name in args.models.split(","):
+            _, steps, warmup = MODELS[name]
+            # Rotate the order every round so that no variant always runs first (or after the same one).
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
+            for variant in order:
+                spec = {
+                    "model": name,
+                    "variant": variant,
+                    "implementation": {"medjax": "auto", "medjax_xla": "xla"}.get(variant),
+                    "batch_size": args.batch_size,
+                    "steps": args.steps or steps,
+                    "warmup": warmup if args.warmup < 0 else args.warmup,
+                    "dtype": args.dtype,
+                    "channels_last": args.torch_channels_last,
+                    "round": r,
+                }
+                result = measure(spec)
+                result["loadavg"] = os.getloadavg()
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    print(json.dumps(summarize(results)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
