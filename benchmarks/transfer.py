@@ -48,6 +48,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from configs import breastmnist  # noqa: E402
 from configs import efficientnet_lite0  # noqa: E402
 from configs import pneumoniamnist  # noqa: E402
@@ -282,24 +283,11 @@ def main(argv):
             if init == "medical" and dataset == "medical_mnist":
                 continue  # Pretrained on these very labels.
             runs.extend((setting, init, int(seed)) for seed in _SEEDS.value)
-    os.makedirs(_OUT.value, exist_ok=True)
-    open(os.path.join(_OUT.value, "results.jsonl"), "w").close()
-    records = []
+    writer = results.ResultWriter(_OUT.value)
     for setting, init, seed in runs:
-        record = run_one(setting, init, seed)
-        records.append(record)
-        line = json.dumps(record)
-        print(line, flush=True)
-        with open(os.path.join(_OUT.value, "results.jsonl"), "a") as f:
-            f.write(line + "\n")
-    summary = summarize(records)
-    print(json.dumps({"summary": summary}), flush=True)
-    with open(os.path.join(_OUT.value, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    table = markdown_table(summary)
-    print(table)
-    with open(os.path.join(_OUT.value, "results.md"), "w") as f:
-        f.write(table)
+        writer.add(run_one(setting, init, seed))
+    summary = summarize(writer.records)
+    writer.finish(summary, markdown_table(summary))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import results  # noqa: E402
 from medjax import models  # noqa: E402
 from medjax import train  # noqa: E402
 from medjax.models import layers  # noqa: E402
@@ -194,25 +195,12 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only feeds the host.
     for model in _MODELS.value:
         load_config(model)  # Fail on a bad name before hours of training.
-    os.makedirs(_OUT.value, exist_ok=True)
-    open(os.path.join(_OUT.value, "results.jsonl"), "w").close()
-    records = []
+    writer = results.ResultWriter(_OUT.value)
     for model in _MODELS.value:
         for seed in _SEEDS.value:
-            record = run_one(model, int(seed))
-            records.append(record)
-            line = json.dumps(record)
-            print(line, flush=True)
-            with open(os.path.join(_OUT.value, "results.jsonl"), "a") as f:
-                f.write(line + "\n")
-    summary = summarize(records)
-    print(json.dumps({"summary": summary}), flush=True)
-    with open(os.path.join(_OUT.value, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    table = markdown_table(summary)
-    print(table)
-    with open(os.path.join(_OUT.value, "results.md"), "w") as f:
-        f.write(table)
+            writer.add(run_one(model, int(seed)))
+    summary = summarize(writer.records)
+    writer.finish(summary, markdown_table(summary))
 
 
 if __name__ == "__main__":
