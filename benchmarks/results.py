@@ -32,3 +32,19 @@ class ResultWriter:
         with open(self._path("summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps({"summary": summary}), flush=True)
+
+
+def mean_std(values) -> dict:
+    """{'mean', 'std'} of the non-None values: sample std, None for fewer than two values."""
+    kept = [float(v) for v in values if v is not None]
+    mean = sum(kept) / len(kept) if kept else None
+    std = (sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)) ** 0.5 if len(kept) > 1 else None
+    return {"mean": mean, "std": std}
+
+
+def format_stat(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """'mean ± std' (or 'mean' for one seed, 'n/a' for none) of a `mean_std` result, scaled."""
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    return text if stat["std"] is None else f"{text} ± {stat['std'] * scale:.{digits}f}"

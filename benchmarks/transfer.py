@@ -43,7 +43,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -239,11 +238,7 @@ def summarize(records: list[dict]) -> dict:
             "epochs": runs[0]["epochs"],
         }
         for metric in METRICS:
-            values = np.array([r[metric] for r in runs if r[metric] is not None], np.float64)
-            row[metric] = {
-                "mean": float(values.mean()) if len(values) else None,
-                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-            }
+            row[metric] = results.mean_std(r[metric] for r in runs)
         row["published_resnet18_28"] = PUBLISHED_RESNET18_28.get(parse_setting(key[0])[0])
         summary[f"{key[0]}/{key[1]}"] = row
     return summary
@@ -251,10 +246,7 @@ def summarize(records: list[dict]) -> dict:
 
 def markdown_table(summary: dict) -> str:
     def cell(stat, scale=1.0, digits=3):
-        if stat["mean"] is None:
-            return "n/a"
-        text = f"{stat['mean'] * scale:.{digits}f}"
-        return text if stat["std"] is None else f"{text} ± {stat['std'] * scale:.{digits}f}"
+        return results.format_stat(stat, scale, digits)
 
     lines = [
         "| setting | init | seeds | test ACC | test AUC | MedMNIST ResNet-18 (28) ACC / AUC | epochs |",

@@ -157,21 +157,14 @@ def summarize(records: list[dict]) -> dict:
         for key in ("params", "flops_per_image", "configured_epochs"):
             row[key] = runs[0][key]
         for key in METRICS:
-            values = np.array([r[key] for r in runs if r[key] is not None], np.float64)
-            row[key] = {
-                "mean": float(values.mean()) if len(values) else None,
-                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-            }
+            row[key] = results.mean_std(r[key] for r in runs)
         summary[model] = row
     return summary
 
 
 def markdown_table(summary: dict) -> str:
     def cell(stat, scale=1.0, digits=2):
-        if stat["mean"] is None:
-            return "n/a"
-        text = f"{stat['mean'] * scale:.{digits}f}"
-        return text if stat["std"] is None else f"{text} ± {stat['std'] * scale:.{digits}f}"
+        return results.format_stat(stat, scale, digits)
 
     lines = [
         "| model | seeds | test accuracy (%) | macro AUC | min class recall (%) | params | GFLOPs/image "
