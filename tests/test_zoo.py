@@ -88,6 +88,7 @@ def test_registry_and_configs_cover_the_zoo():
     for name in ZOO:
         assert _config(name).model.name == name
     assert _config("paper").model.name == "paper_cnn"
+    assert _config("paper_cnn").to_dict() == _config("base").to_dict()
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
