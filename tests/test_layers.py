@@ -104,6 +104,75 @@ def test_conv_auto_names_match_flax():
     )
 
 
+DEPTHWISE_CASES = [
+    # (input shape, Conv kwargs); features == feature_group_count == input channels.
+    ((2, 9, 9, 6), dict(kernel_size=(3, 3))),
+    ((2, 8, 8, 6), dict(kernel_size=(3, 3), strides=2, padding=((0, 1), (0, 1)))),  # TF 'SAME', even.
+    ((3, 9, 7, 4), dict(kernel_size=(3, 3), strides=2, padding="SAME", use_bias=False)),
+    ((2, 10, 10, 5), dict(kernel_size=(5, 5), padding=((2, 2), (2, 2)))),
+    ((2, 9, 10, 5), dict(kernel_size=(5, 5), strides=2, padding=((2, 2), (1, 2)))),  # TF 'SAME'.
+    ((2, 11, 8, 3), dict(kernel_size=(5, 5), strides=(2, 1), padding=((0, 3), (1, 0)))),
+    ((2, 7, 7, 4), dict(kernel_size=(3, 3), padding="VALID")),
+    ((2, 2, 2, 8), dict(kernel_size=(5, 5), padding=((2, 2), (2, 2)))),  # Map smaller than the kernel.
+    ((2, 5, 6, 3), dict(kernel_size=(2, 2), strides=3, padding=((0, 1), (1, 0)))),  # Taps skip pixels.
+]
+
+
+@pytest.mark.parametrize("shape,kwargs", DEPTHWISE_CASES, ids=[str(i) for i in range(len(DEPTHWISE_CASES))])
+def test_depthwise_conv_fast_path_matches_xla(shape, kwargs):
+    c = shape[-1]
+    conv = layers.Conv(features=c, feature_group_count=c, **kwargs)
+    x = jax.random.normal(jax.random.key(0), shape)
+    shapes = jax.eval_shape(conv.init, jax.random.key(2), x)
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+    results = {}
+    for name in ("fast", "xla"):
+        with layers.implementation(name):
+            [results[name]] = _vjps([conv.apply], variables, x)
+            jaxpr = str(jax.make_jaxpr(jax.grad(lambda v, x: conv.apply(v, x).sum(), (0, 1)))(variables, x))
+        assert ("conv_general_dilated" in jaxpr) == (name == "xla")  # The fast path took it, gradients too.
+    (out, (d_vars, d_x)), (ref_out, (ref_d_vars, ref_d_x)) = results["fast"], results["xla"]
+    _assert_close(out, ref_out)
+    _assert_close(d_x, ref_d_x)
+    jax.tree_util.tree_map(_assert_close, d_vars, ref_d_vars)  # Kernel and (if any) bias.
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs",
+    [
+        ((2, 9, 9, 4), dict(features=8, feature_group_count=4)),  # Channel multiplier 2.
+        ((2, 9, 9, 4), dict(features=4, feature_group_count=2)),
+    ],
+)
+def test_other_grouped_convs_stay_native(shape, kwargs):
+    conv = layers.Conv(kernel_size=(3, 3), **kwargs)
+    x = jax.random.normal(jax.random.key(0), shape)
+    variables = conv.init(jax.random.key(1), x)
+    with layers.implementation("fast"):
+        jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+        (out, grads), (ref_out, ref_grads) = _vjps(
+            [conv.apply, nn.Conv(kernel_size=(3, 3), **kwargs).apply], variables, x
+        )
+    assert f"feature_group_count={kwargs['feature_group_count']}" in jaxpr
+    np.testing.assert_array_equal(out, ref_out)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, grads, ref_grads)
+
+
+@pytest.mark.parametrize("n,chunk", [(6, 4), (7, 3), (5, 32)])
+def test_chunked_depthwise_kernel_gradient(monkeypatch, n, chunk):
+    """Chunks of images that divide the batch (6 by 3), a zero-padded batch (7 -> 9) and one chunk."""
+    monkeypatch.setattr(layers, "_DEPTHWISE_CHUNK", chunk)
+    x = jax.random.normal(jax.random.key(0), (n, 9, 8, 3))
+    g = jax.random.normal(jax.random.key(1), (n, 5, 4, 3))
+    kernel_shape, strides, pads = (3, 3, 1, 3), (2, 2), ((1, 1), (0, 1))
+    grad = jax.jit(lambda x, g: layers._depthwise_kernel_grad(x, g, kernel_shape, strides, pads))(x, g)
+    native = lambda k: jax.lax.conv_general_dilated(
+        x, k, strides, pads, dimension_numbers=layers._channels_last(4), feature_group_count=3
+    )
+    _assert_close(grad, jax.vjp(native, jnp.zeros(kernel_shape))[1](g)[0])
+
+
 POOL_CASES = [
     # (input shape, window, strides, padding)
     ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),

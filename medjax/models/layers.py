@@ -10,8 +10,11 @@ CPU ("fast") path therefore uses:
   XLA does;
 * avg-pool: a sum of strided window slices (or a reshape-sum);
 * convolution: XLA's forward and input gradient, and the kernel gradient as patches + one matmul,
-  chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes (grouped
-  and dilated convolutions stay native).
+  chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes;
+* depthwise convolution (groups == input == output channels, where XLA:CPU's grouped convolution and
+  above all its gradients are slow): a sum over the kernel taps of strided slices of the padded input
+  times the tap's per-channel weights, with a custom gradient of the same kind (other grouped and all
+  dilated convolutions stay native).
 
 The path is chosen when a function is traced: 'fast' on CPU (`jax.default_backend()`), 'xla'
 elsewhere, unless `implementation('xla' | 'fast' | 'auto')` (a context manager) or `set_implementation`
@@ -25,11 +28,15 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ("auto", "xla", "fast")
 # Kernel-gradient patches of a few MiB stay in cache (measured faster than bigger or smaller chunks).
-_settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20}
+# Images per step of a depthwise conv's kernel-gradient loop (unrolled in the step's fused loop). Run
+# time measured the same from 1 to 32 on EfficientNet-Lite0; compile time grows with it.
+_DEPTHWISE_CHUNK = 4
+_settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "depthwise": True}
 
 
 def set_implementation(name: str) -> None:
@@ -356,11 +363,149 @@ def fast_conv(x, kernel, strides, pads, precision=None) -> jnp.ndarray:
     return _fast_conv(x, kernel, strides, pads, precision, via_patches)
 
 
+def _depthwise_forward(xp, kernel, strides, out_shape):
+    """sum over taps (i, j) of xp[:, i::sh, j::sw, :] (cropped to out_shape) * kernel[i, j, 0, :].
+
+    One fused loop on XLA:CPU; products are accumulated in float32 (or wider) as XLA's convolution does.
+    """
+    acc = jnp.promote_types(xp.dtype, jnp.float32)
+    k = kernel.astype(acc)
+    y = None
+    for i, j, piece in _window_slices(xp, kernel.shape[:2], strides, out_shape):
+        term = piece.astype(acc) * k[i, j, 0]
+        y = term if y is None else y + term
+    return y
+
+
+def _depthwise_conv(x, kernel, strides, pads):
+    xp = _pad_spatial(x, pads, 0)
+    out = tuple(_out_size(xp.shape[1 + d], kernel.shape[d], strides[d]) for d in range(2))
+    return _depthwise_forward(xp, kernel, strides, out).astype(x.dtype)
+
+
+def _depthwise_input_grad(g, kernel, strides, pads, x_shape):
+    """Input cotangent of `_depthwise_conv`, itself as stride-1 depthwise sums, one per stride phase.
+
+    Padded-input row p = q * s + a only receives taps i = a + s * t (from output row q - t), so phase a of
+    the rows is a stride-1 depthwise conv of g with the flipped sub-kernel kernel[a::s]; the phases are
+    then interleaved (a reshape) and the padding cropped. No zeros are multiplied, for any stride.
+    """
+    (kh, kw), (sh, sw) = kernel.shape[:2], strides
+    n, oh, ow, c = g.shape
+    (top, bottom), (left, right) = pads
+    hp, wp = x_shape[1] + top + bottom, x_shape[2] + left + right
+    nh, nw = -(-hp // sh), -(-wp // sw)  # Rows and columns of each phase (the last ones cropped below).
+    phases = []
+    for a in range(sh):
+        row = []
+        for b in range(sw):
+            sub = kernel[a::sh, b::sw][::-1, ::-1]  # [ta, tb, 1, c]
+            ta, tb = sub.shape[:2]
+            if ta == 0 or tb == 0:
+                row.append(jnp.zeros((n, nh, nw, c), g.dtype))
+                continue
+            gp = _pad_spatial(g, ((ta - 1, nh - oh), (tb - 1, nw - ow)), 0)
+            row.append(_depthwise_forward(gp, sub, (1, 1), (nh, nw)).astype(g.dtype))
+        phases.append(jnp.stack(row, axis=3) if sw > 1 else row[0][:, :, :, None])
+    dxp = jnp.stack(phases, axis=2) if sh > 1 else phases[0][:, :, None]  # [n, nh, sh, nw, sw, c]
+    dxp = dxp.reshape(n, nh * sh, nw * sw, c)
+    return lax.slice(dxp, (0, top, left, 0), (n, top + x_shape[1], left + x_shape[2], c))
+
+
+def _depthwise_kernel_grad(x, g, kernel_shape, strides, pads):
+    """Kernel cotangent: dk[i, j, c] = sum over images and pixels of xp[:, i::sh, j::sw, c] * g[..., c].
+
+    A loop over (tap, chunk of at most `_DEPTHWISE_CHUNK` images) whose body is one fused loop: the
+    chunk's window * g products, added pairwise over its images into that tap's [oh, ow, c] partial sum;
+    the pixels are summed last. Nothing bigger than kh * kw images' worth of partial sums is materialised.
+    Measured 2-20x faster than one reduction per tap (which XLA:CPU hands to a library call that stalls
+    on a busy machine), and it compiles ~5x faster than the taps unrolled (one fused loop each). Strided
+    windows are plain windows of the padded input's stride phases. Accumulates in float32.
+    """
+    (kh, kw), (sh, sw) = kernel_shape[:2], strides
+    n, oh, ow, c = g.shape
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    chunk = min(n, _DEPTHWISE_CHUNK)
+    divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
+    if 2 * divisor >= chunk:  # Else pad the batch to a multiple of `chunk` with zero images.
+        chunk = divisor
+    num_chunks = -(-n // chunk)
+    if num_chunks * chunk != n:
+        x = jnp.pad(x, ((0, num_chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
+        g = jnp.pad(g, ((0, num_chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
+    # Pad to whole stride phases, then phases[a * sw + b] = xp[:, a::sh, b::sw].
+    (top, bottom), (left, right) = pads
+    hp, wp = x.shape[1] + top + bottom, x.shape[2] + left + right
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    xp = _pad_spatial(x, ((top, bottom + hq * sh - hp), (left, right + wq * sw - wp)), 0)
+    phases = xp.reshape(-1, hq, sh, wq, sw, c).transpose(2, 4, 0, 1, 3, 5).reshape(sh * sw, -1, hq, wq, c)
+    rows, cols = np.divmod(np.arange(kh * kw), kw)
+    # Tap t reads phase (rows % sh, cols % sw) at offset (rows // sh, cols // sw).
+    taps = jnp.asarray(np.stack([(rows % sh) * sw + cols % sw, rows // sh, cols // sw], axis=1), jnp.int32)
+
+    def body(step, partial):
+        t, first = step // num_chunks, (step % num_chunks) * chunk
+        phase, di, dj = taps[t, 0], taps[t, 1], taps[t, 2]
+
+        def product_sum(lo, size):  # Pairwise over images lo..lo+size-1 of the chunk.
+            if size > 1:
+                return product_sum(lo, size // 2) + product_sum(lo + size // 2, size - size // 2)
+            window = lax.dynamic_slice(phases, (phase, first + lo, di, dj, 0), (1, 1, oh, ow, c))
+            cotangent = lax.dynamic_slice(g, (first + lo, 0, 0, 0), (1, oh, ow, c))
+            return window[0].astype(acc) * cotangent.astype(acc)
+
+        tap = lax.dynamic_slice(partial, (t, 0, 0, 0), (1, oh, ow, c)) + product_sum(0, chunk)
+        return lax.dynamic_update_slice(partial, tap, (t, 0, 0, 0))
+
+    partial = lax.fori_loop(0, kh * kw * num_chunks, body, jnp.zeros((kh * kw, oh, ow, c), acc))
+    return jnp.sum(partial.reshape(kh * kw, oh * ow, c), axis=1).reshape(kernel_shape)
+
+
+def _fast_depthwise_fwd(x, kernel, strides, pads):
+    return _depthwise_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _fast_depthwise_bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    dx = _depthwise_input_grad(g, kernel, strides, pads, x.shape)
+    dk = _depthwise_kernel_grad(x, g, kernel.shape, strides, pads)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_fast_depthwise = jax.custom_vjp(_depthwise_conv, nondiff_argnums=(2, 3))
+_fast_depthwise.defvjp(_fast_depthwise_fwd, _fast_depthwise_bwd)
+
+
+def fast_depthwise_conv(x, kernel, strides, pads) -> jnp.ndarray:
+    """2-D NHWC depthwise convolution (kernel [kh, kw, 1, c], channel multiplier 1) for CPU.
+
+    The forward pass is a sum over the kh * kw taps of strided slices of the padded input times that
+    tap's per-channel weight, the input gradient the same sums over g (`_depthwise_input_grad`), the
+    kernel gradient a loop over the taps (`_depthwise_kernel_grad`); nothing kh * kw times the input's
+    size is materialised. `precision` does not apply (elementwise float32 products and sums). Measured
+    on EfficientNet-Lite0's 16 depthwise layers (batch 32, 64x64 input) against XLA:CPU's grouped
+    convolution: forward 358 -> 9 ms, input + kernel gradients 2.3 s -> 34 ms.
+    """
+    return _fast_depthwise(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
+
+
+@contextlib.contextmanager
+def _depthwise_disabled():
+    """Depthwise convs traced inside take XLA's grouped convolution even on the fast path (for A/B)."""
+    previous = _settings["depthwise"]
+    _settings["depthwise"] = False
+    try:
+        yield
+    finally:
+        _settings["depthwise"] = previous
+
+
 class Conv(nn.Module):
     """flax.linen.Conv (same fields, parameters, initializers and names) with a fast CPU path.
 
-    The fast path covers 2-D convolutions without groups or dilation; anything else runs XLA's native
-    convolution exactly as nn.Conv does. (nn.Conv's deprecated `conv_general_dilated*` fields are not
+    The fast path covers 2-D convolutions without dilation, either ungrouped or depthwise (one group per
+    input channel, channel multiplier 1); anything else runs XLA's native convolution exactly as nn.Conv
+    does. (nn.Conv's deprecated `conv_general_dilated*` fields are not
     supported.)
     """
 
@@ -421,14 +566,17 @@ class Conv(nn.Module):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
         pads = None
+        depthwise = self.feature_group_count == in_features == self.features and _settings["depthwise"]
         if (
             use_fast_path()
             and rank == 2
             and input_dilation == kernel_dilation == (1, 1)
-            and self.feature_group_count == 1
+            and (self.feature_group_count == 1 or depthwise)
         ):
             pads = _explicit_padding(padding, inputs.shape[1:3], kernel_size, strides)
-        if pads is not None:
+        if pads is not None and self.feature_group_count > 1:
+            y = fast_depthwise_conv(inputs, kernel, strides, pads)
+        elif pads is not None:
             y = fast_conv(inputs, kernel, strides, pads, self.precision)
         else:
             y = lax.conv_general_dilated(
