@@ -1,5 +1,6 @@
 """Building blocks shared by the model zoo: conv-BN-activation, PyTorch/TensorFlow padding rules and
-adaptive pooling. Convolution and pooling go through `medjax.models.layers`."""
+adaptive pooling. Convolution and pooling go through `medjax.models.layers`, batch norm through
+`medjax.models.normalization`."""
 
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.models import layers
+from medjax.models import normalization
 
 Padding = Any  # An int (symmetric), a string ('SAME'/'VALID') or ((lo, hi), (lo, hi)).
 
@@ -18,11 +20,25 @@ def _pair(value) -> tuple[int, int]:
 
 
 def batch_norm(
-    *, train: bool, momentum: float, epsilon: float, dtype: Any, name: Optional[str] = None, **kwargs
-) -> nn.BatchNorm:
-    """Batch norm that uses batch statistics in training and running averages otherwise."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype, name=name, **kwargs
+    *,
+    train: bool,
+    momentum: float,
+    epsilon: float,
+    dtype: Any,
+    activation: Optional[Callable] = None,
+    name: Optional[str] = None,
+    **kwargs,
+) -> normalization.BatchNorm:
+    """Batch norm (then `activation`, if any) that uses batch statistics in training and running
+    averages otherwise; `nn.BatchNorm`'s variables, rematerialised in the backward pass."""
+    return normalization.BatchNorm(
+        use_running_average=not train,
+        momentum=momentum,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=activation,
+        name=name,
+        **kwargs,
     )
 
 
@@ -39,6 +55,7 @@ class ConvBN(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_scale_init: Callable = nn.initializers.ones
+    bn_rematerialize: bool = True  # See medjax.models.normalization; False: plain autodiff.
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -53,15 +70,16 @@ class ConvBN(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        x = batch_norm(
+        return batch_norm(
             train=train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             scale_init=self.bn_scale_init,
+            activation=self.activation,  # Inside the batch norm's rematerialised function.
+            rematerialize=self.bn_rematerialize,
             name="bn",
         )(x)
-        return x if self.activation is None else self.activation(x)
 
 
 def tf_same_padding(spatial_shape, kernel_size, strides) -> tuple[tuple[int, int], ...]:

@@ -31,9 +31,9 @@ class DenseNet(nn.Module):
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
+            activation=nn.relu,
             name=f"{prefix}norm{suffix}",
         )(x)
-        x = nn.relu(x)
         return layers.Conv(
             features,
             (kernel, kernel),
@@ -60,8 +60,13 @@ class DenseNet(nn.Module):
                 x = self._bn_relu_conv(x, x.shape[-1] // 2, 1, train, f"transition{b + 1}_")
                 x = layers.avg_pool(x, (2, 2), strides=(2, 2))
         x = blocks.batch_norm(
-            train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype, name="norm5"
+            train=train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            activation=nn.relu,
+            name="norm5",
         )(x)
-        x = blocks.global_avg_pool(nn.relu(x))
+        x = blocks.global_avg_pool(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)

@@ -64,10 +64,15 @@ def _same_conv(x, features, kernel, stride=1, groups=1, *, dtype, name):
     )(x)
 
 
-def _bn(module: nn.Module, x, train: bool, name: str):
-    """Batch norm with `module`'s momentum, epsilon and dtype, as a submodule of `module`."""
+def _bn(module: nn.Module, x, train: bool, name: str, activation=None):
+    """Batch norm (then `activation`) with `module`'s momentum, epsilon and dtype, as its submodule."""
     return blocks.batch_norm(
-        train=train, momentum=module.bn_momentum, epsilon=module.bn_epsilon, dtype=module.dtype, name=name
+        train=train,
+        momentum=module.bn_momentum,
+        epsilon=module.bn_epsilon,
+        dtype=module.dtype,
+        activation=activation,
+        name=name,
     )(x)
 
 
@@ -88,11 +93,11 @@ class MBConv(nn.Module):
         hidden = x.shape[-1] * self.expand_ratio
         if self.expand_ratio != 1:
             y = _same_conv(y, hidden, 1, dtype=self.dtype, name="expand_conv")
-            y = nn.relu6(_bn(self, y, train, "bn0"))
+            y = _bn(self, y, train, "bn0", nn.relu6)
         y = _same_conv(
             y, hidden, self.kernel, self.stride, groups=hidden, dtype=self.dtype, name="depthwise_conv"
         )
-        y = nn.relu6(_bn(self, y, train, "bn1"))
+        y = _bn(self, y, train, "bn1", nn.relu6)
         y = _same_conv(y, self.features, 1, dtype=self.dtype, name="project_conv")
         y = _bn(self, y, train, "bn2")
         if self.stride == 1 and x.shape[-1] == self.features:
@@ -116,7 +121,7 @@ class EfficientNetLite(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = x.astype(self.dtype)
         x = _same_conv(x, self.stem_features, 3, 2, dtype=self.dtype, name="conv_stem")
-        x = nn.relu6(_bn(self, x, train, "bn0"))
+        x = _bn(self, x, train, "bn0", nn.relu6)
         index = 0
         for stage in self.stages:
             for j in range(stage.repeats):
@@ -132,7 +137,7 @@ class EfficientNetLite(nn.Module):
                 )(x, train=train)
                 index += 1
         x = _same_conv(x, self.head_features, 1, dtype=self.dtype, name="conv_head")
-        x = nn.relu6(_bn(self, x, train, "bn1"))
+        x = _bn(self, x, train, "bn1", nn.relu6)
         x = blocks.global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)

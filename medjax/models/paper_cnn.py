@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models import layers
+from medjax.models import normalization
 
 
 class PaperCNN(nn.Module):
@@ -24,14 +25,14 @@ class PaperCNN(nn.Module):
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
             x = layers.Conv(width, (3, 3), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
-            x = nn.BatchNorm(
+            x = normalization.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
                 epsilon=self.bn_epsilon,
                 dtype=self.dtype,
+                activation=nn.relu,
                 name=f"bn{i}",
             )(x)
-            x = nn.relu(x)
             x = layers.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -92,7 +92,12 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
         if self.stem == "imagenet":
-            x = blocks.ConvBN(self.width, 7, 2, padding=3, name="stem", **bn)(x, train=train)
+            # Plain autodiff for this batch norm: replaying it in the backward pass (as every other one)
+            # made XLA:CPU materialise the nine window pieces of the max-pool gradient, and ResNet-18 at
+            # 64x64, batch 128, took 7% longer per step with 438 instead of 390 MiB of XLA temp buffers.
+            x = blocks.ConvBN(self.width, 7, 2, padding=3, bn_rematerialize=False, name="stem", **bn)(
+                x, train=train
+            )
             x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = blocks.ConvBN(self.width, 3, 1, padding=1, name="stem", **bn)(x, train=train)
