@@ -83,6 +83,9 @@ _EPOCHS = flags.DEFINE_float(
     "epochs", None, "Override every run's config.train.num_epochs (e.g. 0.1 to smoke-test)."
 )
 _MIN_STEPS = flags.DEFINE_integer("min_steps", 300, "Low-data runs train at least this many steps.")
+_EVALS = flags.DEFINE_integer(
+    "evals", 4, "Validation passes per run (each re-calibrates batch norm); the final reports come on top."
+)
 _MODE = flags.DEFINE_string("mode", "full", "config.transfer.mode of the pretrained inits.")
 _FINETUNE_LR = flags.DEFINE_float("finetune_lr", 5e-4, "Learning rate of the pretrained inits.")
 _MANUAL_DIR = flags.DEFINE_string(
@@ -176,15 +179,18 @@ def run_config(setting: str, init: str, seed: int):
         config.train.learning_rate = _FINETUNE_LR.value
     if _EPOCHS.value is not None:
         config.train.num_epochs = _EPOCHS.value
+    builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
+    num_train = builder.info.splits[config.data.train_split].num_examples
     if fraction is not None:
-        builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
-        total = builder.info.splits[config.data.train_split].num_examples
-        config.data.num_train_examples = max(config.train.batch_size, round(fraction * total))
+        num_train = config.data.num_train_examples = max(config.train.batch_size, round(fraction * num_train))
         if fraction < 1 and _EPOCHS.value is None:
-            steps_per_epoch = config.data.num_train_examples // config.train.batch_size
+            steps_per_epoch = num_train // config.train.batch_size
             config.train.num_epochs = max(
                 config.train.num_epochs, math.ceil(_MIN_STEPS.value / steps_per_epoch)
             )
+    # Small training sets make an epoch a few steps; validating every epoch would cost more than training.
+    total_steps = int(config.train.num_epochs * num_train) // config.train.batch_size
+    config.train.eval_every_steps = max(1, total_steps // max(1, _EVALS.value))
     return config
 
 

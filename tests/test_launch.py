@@ -18,7 +18,9 @@ def test_train_runs_on_all_workers_with_distributed_init():
     code, out = _dry_run("train", "my-tpu", "us-central2-b", "configs/base.py", "gs://b/w", "--config.seed=3")
     assert code == 0
     assert "--worker=all" in out and "--zone=us-central2-b" in out
-    assert "medjax.main\\ --distributed\\ --config=configs/base.py\\ --workdir=gs://b/w\\ --config.seed=3" in out
+    assert (
+        "medjax.main\\ --distributed\\ --config=configs/base.py\\ --workdir=gs://b/w\\ --config.seed=3" in out
+    )
 
 
 def test_eval_runs_on_one_worker():
