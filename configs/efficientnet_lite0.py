@@ -1,8 +1,8 @@
 r"""EfficientNet-Lite0 (4.65M params) trained from scratch on 64x64x1 Medical MNIST.
 
 Batch-norm epsilon 1e-3 as published (the converted ImageNet weights expect it) and dropout 0.2.
-It needs only ~0.06 GFLOPs per image, but its depthwise (grouped) convs fall outside the fast CPU path of
-medjax/models/layers.py and train several times slower per image than ResNet-18, so one epoch.
+It needs only ~0.06 GFLOPs per image; with the depthwise fast path of medjax/models/layers.py it trains at
+~70-120 images/s on a 2-core CPU. One epoch: 98.65% test accuracy (2026-11-30, seed 0, see README's zoo table).
 
 Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
   python -m medjax.main --config=configs/efficientnet_lite0.py --workdir=workdirs/efficientnet_lite0 \
