@@ -9,6 +9,11 @@ same-round ratios (the fairer one when the machine's load drifts between rounds)
   python benchmarks/train_throughput.py                                    # all models, 3 rounds
   python benchmarks/train_throughput.py --models=issue_cnn --rounds=5 --steps=10
 
+Measure on an idle machine: PyTorch's eager CPU speed drops far more than medjax's when other processes
+compete for the cores (its paper-CNN step: ~1,400 img/s idle, ~150 img/s at load 4 on 2 cores), so
+ratios from a busy machine flatter medjax. A 1-minute load average above BUSY_LOAD at the start is
+reported on stderr and as `busy_at_start` in the first and last JSON lines.
+
 Needs the `bench` extra (torch) for the PyTorch variant. Synthetic uint8 64x64x1 batches, 6 classes,
 Adam, batch norm and dropout in training mode, labels and pixel normalisation as in medjax's step.
 """
@@ -37,6 +42,7 @@ MODELS = {
     "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),
 }
 VARIANTS = ("medjax", "medjax_xla", "torch")
+BUSY_LOAD = 0.5  # 1-minute load average at the start above which the machine counts as busy.
 
 
 def _peak_rss_mb() -> float:
@@ -260,7 +266,19 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
 
-    print(json.dumps({"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count()}), flush=True)
+    load_start = os.getloadavg()
+    busy = load_start[0] > BUSY_LOAD
+    if busy:
+        print(
+            f"WARNING: 1-minute load average {load_start[0]:.2f} > {BUSY_LOAD}: other processes compete for "
+            "the CPU, which slows PyTorch far more than medjax; the ratios will flatter medjax.",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        json.dumps({"loadavg_start": load_start, "cpu_count": os.cpu_count(), "busy_at_start": busy}),
+        flush=True,
+    )
     variants = args.variants.split(",")
     results = []
     for r in range(args.rounds):
@@ -284,7 +302,7 @@ def main():
                 result["loadavg"] = os.getloadavg()
                 results.append(result)
                 print(json.dumps(result), flush=True)
-    print(json.dumps(summarize(results)), flush=True)
+    print(json.dumps({**summarize(results), "busy_at_start": busy}), flush=True)
 
 
 if __name__ == "__main__":
