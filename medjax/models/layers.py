@@ -36,7 +36,7 @@ IMPLEMENTATIONS = ("auto", "xla", "fast")
 # Images per step of a depthwise conv's kernel-gradient loop (unrolled in the step's fused loop). Run
 # time measured the same from 1 to 32 on EfficientNet-Lite0; compile time grows with it.
 _DEPTHWISE_CHUNK = 4
-_settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "depthwise": True}
+_settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20}
 
 
 def set_implementation(name: str) -> None:
@@ -489,24 +489,12 @@ def fast_depthwise_conv(x, kernel, strides, pads) -> jnp.ndarray:
     return _fast_depthwise(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
 
 
-@contextlib.contextmanager
-def _depthwise_disabled():
-    """Depthwise convs traced inside take XLA's grouped convolution even on the fast path (for A/B)."""
-    previous = _settings["depthwise"]
-    _settings["depthwise"] = False
-    try:
-        yield
-    finally:
-        _settings["depthwise"] = previous
-
-
 class Conv(nn.Module):
     """flax.linen.Conv (same fields, parameters, initializers and names) with a fast CPU path.
 
     The fast path covers 2-D convolutions without dilation, either ungrouped or depthwise (one group per
     input channel, channel multiplier 1); anything else runs XLA's native convolution exactly as nn.Conv
-    does. (nn.Conv's deprecated `conv_general_dilated*` fields are not
-    supported.)
+    does. (nn.Conv's deprecated `conv_general_dilated*` fields are not supported.)
     """
 
     features: int
@@ -566,7 +554,7 @@ class Conv(nn.Module):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
         pads = None
-        depthwise = self.feature_group_count == in_features == self.features and _settings["depthwise"]
+        depthwise = self.feature_group_count == in_features == self.features
         if (
             use_fast_path()
             and rank == 2
