@@ -31,6 +31,10 @@ from ml_collections import config_flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from medjax import runtime  # noqa: E402
+
+runtime.tune_allocator()  # As medjax.main does, before JAX and TensorFlow start.
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir (default: a fresh temporary one).")
 _TARGET = flags.DEFINE_float("target", None, "Overrides config.train.stop_at_eval_accuracy.")
 config_flags.DEFINE_config_file("config", "configs/fast.py", "Training configuration file.")
@@ -108,6 +112,7 @@ def main(argv):
         "devices": jax.device_count(),
         "workdir": workdir,
         "loadavg": os.getloadavg(),
+        "allocator": runtime.status,
     }
     print(json.dumps(summary), flush=True)
 

@@ -6,6 +6,10 @@ Prints one JSON object per measurement and, last, a summary: medians over rounds
 and compile time; `ratio_vs_torch` divides those medians, `ratio_vs_torch_paired` is the median of the
 same-round ratios (the fairer one when the machine's load drifts between rounds).
 
+Variants: `medjax` and `medjax_xla` (flax's native ops) run with glibc's allocator tuned as medjax.main
+does (medjax/runtime.py); `torch` is PyTorch as shipped; `torch_tuned` is PyTorch with the same allocator
+settings, which speed it up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
+
   python benchmarks/train_throughput.py                                    # all models, 3 rounds
   python benchmarks/train_throughput.py --models=issue_cnn --rounds=5 --steps=10
 
@@ -14,7 +18,7 @@ compete for the cores (its paper-CNN step: ~1,400 img/s idle, ~150 img/s at load
 ratios from a busy machine flatter medjax. A 1-minute load average above BUSY_LOAD at the start is
 reported on stderr and as `busy_at_start` in the first and last JSON lines.
 
-Needs the `bench` extra (torch) for the PyTorch variant. Synthetic uint8 64x64x1 batches, 6 classes,
+Needs the `bench` extra (torch) for the PyTorch variants. Synthetic uint8 64x64x1 batches, 6 classes,
 Adam, batch norm and dropout in training mode, labels and pixel normalisation as in medjax's step.
 """
 
@@ -41,7 +45,7 @@ MODELS = {
     "resnet18_imagenet": ({"name": "resnet18", "stem": "imagenet"}, 4, 1),
     "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),
 }
-VARIANTS = ("medjax", "medjax_xla", "torch")
+VARIANTS = ("medjax", "medjax_xla", "torch", "torch_tuned")
 BUSY_LOAD = 0.5  # 1-minute load average at the start above which the machine counts as busy.
 
 
@@ -171,8 +175,12 @@ def run_torch(spec: dict) -> dict:
 
 
 def worker(spec: dict) -> dict:
+    from medjax import runtime
+
+    # medjax.main tunes glibc's allocator before JAX starts; `torch_tuned` gets the same settings.
+    allocator = runtime.tune_allocator() if spec["variant"] != "torch" else "unchanged (PyTorch as shipped)"
     rss_start = _peak_rss_mb()
-    result = run_torch(spec) if spec["variant"] == "torch" else run_medjax(spec)
+    result = run_torch(spec) if spec["variant"].startswith("torch") else run_medjax(spec)
     step_s = statistics.median(result.pop("step_times"))
     return dict(
         spec,
@@ -181,6 +189,7 @@ def worker(spec: dict) -> dict:
         images_per_second=spec["batch_size"] / step_s,
         peak_rss_mb=_peak_rss_mb(),
         rss_at_start_mb=rss_start,
+        allocator=allocator,
     )
 
 
@@ -199,46 +208,57 @@ def measure(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def _ratios(ips, memory, reference):
+    """Each medjax variant's images/s and peak RSS over `reference`'s, per model."""
+    ratios = {}
+    for model in ips:
+        if reference not in ips[model]:
+            continue
+        mine = [v for v in ips[model] if v.startswith("medjax")]
+        ratios[model] = {v: ips[model][v] / ips[model][reference] for v in mine}
+        ratios[model].update({f"{v}_peak_rss": memory[model][v] / memory[model][reference] for v in mine})
+    return ratios
+
+
+def _paired_ratios(by_model, reference):
+    """Median over rounds of same-round ratios: variants of a round ran back to back, sharing the load."""
+    paired = {}
+    for model, by_variant in by_model.items():
+        reference_by_round = {r["round"]: r["images_per_second"] for r in by_variant.get(reference, [])}
+        for v, rs in by_variant.items():
+            same_round = [
+                r["images_per_second"] / reference_by_round[r["round"]]
+                for r in rs
+                if r["round"] in reference_by_round
+            ]
+            if v.startswith("medjax") and same_round:
+                paired.setdefault(model, {})[v] = statistics.median(same_round)
+    return paired
+
+
 def summarize(results: list[dict]) -> dict:
     ok = [r for r in results if "error" not in r]
-    medians = {}
+    by_model = {}
     for r in ok:
-        medians.setdefault(r["model"], {}).setdefault(r["variant"], []).append(r)
-    ips, ratios, memory, compile_s, params = {}, {}, {}, {}, {}
-    for model, by_variant in medians.items():
+        by_model.setdefault(r["model"], {}).setdefault(r["variant"], []).append(r)
+    ips, memory, compile_s, params = {}, {}, {}, {}
+    for model, by_variant in by_model.items():
         ips[model] = {
             v: statistics.median(r["images_per_second"] for r in rs) for v, rs in by_variant.items()
         }
         memory[model] = {v: statistics.median(r["peak_rss_mb"] for r in rs) for v, rs in by_variant.items()}
         compile_s[model] = {
-            v: statistics.median(r["compile_s"] for r in rs) for v, rs in by_variant.items() if v != "torch"
+            v: statistics.median(r["compile_s"] for r in rs)
+            for v, rs in by_variant.items()
+            if v.startswith("medjax")
         }
         params[model] = {v: rs[0]["num_params"] for v, rs in by_variant.items()}
-        if "torch" in ips[model]:
-            ratios[model] = {v: ips[model][v] / ips[model]["torch"] for v in ips[model] if v != "torch"}
-            ratios[model].update(
-                {
-                    f"{v}_peak_rss": memory[model][v] / memory[model]["torch"]
-                    for v in memory[model]
-                    if v != "torch"
-                }
-            )
-    # Same-round ratios: variants of a round ran back to back, so they share the machine's load.
-    paired = {}
-    for model, by_variant in medians.items():
-        torch_by_round = {r["round"]: r["images_per_second"] for r in by_variant.get("torch", [])}
-        for v, rs in by_variant.items():
-            same_round = [
-                r["images_per_second"] / torch_by_round[r["round"]]
-                for r in rs
-                if r["round"] in torch_by_round
-            ]
-            if v != "torch" and same_round:
-                paired.setdefault(model, {})[v] = statistics.median(same_round)
+    summary = {"summary": True}
+    for reference in ("torch", "torch_tuned"):
+        summary[f"ratio_vs_{reference}_paired"] = _paired_ratios(by_model, reference)
+        summary[f"ratio_vs_{reference}"] = _ratios(ips, memory, reference)
     return {
-        "summary": True,
-        "ratio_vs_torch_paired": paired,
-        "ratio_vs_torch": ratios,
+        **summary,
         "images_per_second": ips,
         "peak_rss_mb": memory,
         "compile_s": compile_s,

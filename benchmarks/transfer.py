@@ -27,7 +27,7 @@ Missing sources are made in DIR/sources: the ImageNet checkpoint by converting t
 Each run trains in DIR/<setting>/<init>/seed<k> and leaves DIR/<setting>/<init>/seed<k>/benchmark.json; a
 rerun reuses finished runs and refuses to resume a half-finished one (delete its folder), so the study
 can run in pieces (restrict --settings / --inits / --seeds). Every run is printed as one JSON line and
-appended to DIR/results.jsonl; then a final JSON summary line (mean and sample std over seeds of test
+written to DIR/results.jsonl (this invocation's runs); then a final JSON summary line (mean and sample std over seeds of test
 accuracy and AUC, beside MedMNIST's published ResNet-18 (28) numbers) is printed and written to
 DIR/summary.json, and a markdown table to DIR/results.md.
 
@@ -40,12 +40,16 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
-import tensorflow as tf
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medjax import runtime  # noqa: E402
+
+runtime.tune_allocator()  # As medjax.main does, before JAX and TensorFlow start.
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from benchmarks import results  # noqa: E402
 from configs import breastmnist  # noqa: E402

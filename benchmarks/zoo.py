@@ -28,15 +28,19 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-import jax.numpy as jnp
-import numpy as np
-import tensorflow as tf
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from medjax import runtime  # noqa: E402
+
+runtime.tune_allocator()  # As medjax.main does, before JAX and TensorFlow start.
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from benchmarks import results  # noqa: E402
 from medjax import models  # noqa: E402

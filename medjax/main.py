@@ -1,13 +1,17 @@
 """Entry point: `python -m medjax.main --config=configs/base.py --workdir=DIR [--config.x.y=...]`."""
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
-import tensorflow as tf
+from medjax import runtime
 
-from medjax import train
+runtime.tune_allocator()  # Before JAX and TensorFlow start their threads.
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from medjax import train  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and reports.", required=True
@@ -27,6 +31,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
+    logging.info("Allocator: %s", runtime.status)
     logging.info(
         "JAX process %d of %d; local devices %s; global device count %d.",
         jax.process_index(),

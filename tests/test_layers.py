@@ -54,7 +54,26 @@ CONV_CASES = [
     ((2, 4, 3, 5), dict(features=4, kernel_size=(3, 3), strides=2, padding=1, use_bias=False)),
     ((2, 6, 6, 2), dict(features=3, kernel_size=(5, 5), strides=2, padding="VALID")),
     ((2, 9, 9, 3), dict(features=4, kernel_size=3, kernel_dilation=2)),
+    # Few input channels (forward pass as a sum over kernel taps).
+    ((3, 12, 12, 1), dict(features=16, kernel_size=(3, 3), use_bias=False)),
+    ((2, 11, 10, 1), dict(features=5, kernel_size=(5, 5), strides=2, padding="VALID")),
+    ((2, 10, 9, 2), dict(features=4, kernel_size=(3, 3), strides=(2, 1), padding=((0, 2), (1, 0)))),
 ]
+
+
+@pytest.mark.parametrize(
+    "x_shape,kernel_shape,strides,method",
+    [
+        ((128, 64, 64, 1), (3, 3, 1, 16), (1, 1), "taps"),  # The paper CNN's first layer.
+        ((128, 64, 64, 3), (3, 3, 3, 32), (2, 2), "taps"),
+        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), "native"),  # ResNet's 7x7 stem: 49 terms.
+        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), "native"),
+        ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), "patches"),
+    ],
+)
+def test_conv_method_choice(x_shape, kernel_shape, strides, method):
+    pads = ((1, 1), (1, 1))
+    assert layers.conv_method(x_shape, kernel_shape, strides, pads) == method
 
 
 @pytest.mark.parametrize("shape,kwargs", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])

@@ -10,7 +10,9 @@ CPU ("fast") path therefore uses:
   XLA does;
 * avg-pool: a sum of strided window slices (or a reshape-sum);
 * convolution: XLA's forward and input gradient, and the kernel gradient as patches + one matmul,
-  chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes;
+  chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes; the
+  forward pass of few-input-channel convolutions (first layers) as a sum over kernel taps, where
+  XLA:CPU's convolution is slowest (7x slower for a 3x3 grayscale first layer);
 * depthwise convolution (groups == input == output channels, where XLA:CPU's grouped convolution and
   above all its gradients are slow): a sum over the kernel taps of strided slices of the padded input
   times the tap's per-channel weights, with a custom gradient of the same kind (other grouped and all
@@ -36,6 +38,10 @@ IMPLEMENTATIONS = ("auto", "xla", "fast")
 # Images per step of a depthwise conv's kernel-gradient loop (unrolled in the step's fused loop). Run
 # time measured the same from 1 to 32 on EfficientNet-Lite0; compile time grows with it.
 _DEPTHWISE_CHUNK = 4
+# Convolutions with at most this many kernel taps x input channels run their forward pass as a tap sum.
+# 128x64x64 inputs: 3x3x1 -> 16 channels 7.2 -> 1.1 ms, 3x3x3 9.5 -> 3.1 ms, 5x5x1 10.8 -> 2.7 ms; but
+# 7x7x1 stride 2 -> 64 channels (49 terms) 4.8 -> 7.8 ms.
+_TAP_SUM_MAX_TERMS = 27
 _settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20}
 
 
@@ -327,19 +333,42 @@ def _patches_conv(x, kernel, strides, pads, precision=None) -> jnp.ndarray:
     return y.reshape((x.shape[0],) + out_shape + (cout,))
 
 
-def _conv(x, kernel, strides, pads, precision, via_patches):
-    if via_patches:
+def _tap_sum_conv(x, kernel, strides, pads) -> jnp.ndarray:
+    """The convolution as a sum over kernel taps and input channels of a strided window slice of the
+    padded input (one channel) times that tap's output-channel weights: one fused loop on XLA:CPU that
+    never builds patches. Used for few-input-channel convolutions (a network's first layer), where
+    XLA:CPU's convolution is slowest. Products accumulate in float32 (or wider).
+    """
+    kh, kw, cin, _ = kernel.shape
+    xp = _pad_spatial(x, pads, 0)
+    out_shape = tuple(_out_size(xp.shape[1 + d], kernel.shape[d], strides[d]) for d in range(2))
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    k = kernel.astype(acc)
+    y = None
+    for i, j, piece in _window_slices(xp, (kh, kw), strides, out_shape):
+        for c in range(cin):
+            term = piece[..., c : c + 1].astype(acc) * k[i, j, c]
+            y = term if y is None else y + term
+    return y.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _conv(x, kernel, strides, pads, precision, method):
+    if method == "patches":
         return _patches_conv(x, kernel, strides, pads, precision)
+    if method == "taps":
+        return _tap_sum_conv(x, kernel, strides, pads)
     return _native_conv(x, kernel, strides, pads, precision)
 
 
-def _fast_conv_fwd(x, kernel, strides, pads, precision, via_patches):
-    return _conv(x, kernel, strides, pads, precision, via_patches), (x, kernel)
+def _fast_conv_fwd(x, kernel, strides, pads, precision, method):
+    return _conv(x, kernel, strides, pads, precision, method), (x, kernel)
 
 
-def _fast_conv_bwd(strides, pads, precision, via_patches, residuals, g):
+def _fast_conv_bwd(strides, pads, precision, method, residuals, g):
     x, kernel = residuals
-    _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads, precision, via_patches), x)
+    # The input gradient of a tap sum is XLA's (the first layer's is pruned as unused anyway).
+    dx_method = "patches" if method == "patches" else "native"
+    _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads, precision, dx_method), x)
     dk = conv_weight_grad(x, g, kernel.shape, strides, pads, precision)
     return x_vjp(g)[0], dk.astype(kernel.dtype)
 
@@ -348,19 +377,31 @@ _fast_conv = jax.custom_vjp(_conv, nondiff_argnums=(2, 3, 4, 5))
 _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
 
 
+def conv_method(x_shape, kernel_shape, strides, pads) -> str:
+    """Which forward pass `fast_conv` uses: 'patches', 'taps' or 'native' (see fast_conv)."""
+    window = max(kernel_shape[:2])
+    out = [_out_size(x_shape[1 + d] + sum(pads[d]), kernel_shape[d], strides[d]) for d in range(2)]
+    if min(x_shape[1], x_shape[2], *out) < window:
+        return "patches"
+    if kernel_shape[0] * kernel_shape[1] * kernel_shape[2] <= _TAP_SUM_MAX_TERMS:
+        return "taps"
+    return "native"
+
+
 def fast_conv(x, kernel, strides, pads, precision=None) -> jnp.ndarray:
     """2-D NHWC/HWIO convolution for CPU: kernel gradient from `conv_weight_grad`; forward and input
-    gradient from XLA, except where a spatial extent of the input or output is smaller than the kernel.
-    There XLA:CPU falls off its fast convolution (measured 50-80x slower for ResNet-18's 2x2 last
-    stage), and patches @ kernel (and its transpose) are used instead; such patch tensors are small.
+    gradient from XLA, except
+    * where a spatial extent of the input or output is smaller than the kernel: XLA:CPU falls off its
+      fast convolution there (measured 50-80x slower for ResNet-18's 2x2 last stage), and patches @
+      kernel (and its transpose) are used instead; such patch tensors are small;
+    * where kh * kw * cin <= _TAP_SUM_MAX_TERMS (first layers on grayscale or RGB images): the forward
+      pass is `_tap_sum_conv`.
 
     (Unused input gradients, as for the first layer, are pruned by XLA's dead-code elimination.)
     """
     strides, pads = tuple(strides), tuple(pads)
-    window = max(kernel.shape[:2])
-    out = [_out_size(x.shape[1 + d] + sum(pads[d]), kernel.shape[d], strides[d]) for d in range(2)]
-    via_patches = min(x.shape[1], x.shape[2], *out) < window
-    return _fast_conv(x, kernel, strides, pads, precision, via_patches)
+    method = conv_method(x.shape, kernel.shape, strides, pads)
+    return _fast_conv(x, kernel, strides, pads, precision, method)
 
 
 def _depthwise_forward(xp, kernel, strides, out_shape):
