@@ -21,6 +21,10 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from medjax import runtime  # noqa: E402
+
+runtime.tune_allocator()  # As medjax.main does: tf.data runs under the same allocator settings.
+
 
 def _pipeline_rate(data, config, augment: bool, num_batches: int, start_step: int) -> float:
     """Images/s drawn from a fresh tf.data pipeline (after a few warm-up batches)."""
@@ -74,7 +78,12 @@ def main():
     from configs import base
     from medjax import train
 
-    print(json.dumps({"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count()}), flush=True)
+    print(
+        json.dumps(
+            {"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count(), "allocator": runtime.status}
+        ),
+        flush=True,
+    )
     config = base.get_config()
     config.data.manual_dir = args.manual_dir
     config.data.tfds_dir = args.tfds_dir
