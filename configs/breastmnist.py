@@ -7,7 +7,9 @@ Run (from the repo root; the official npz at ../shared/data/medmnist/breastmnist
   python -m medjax.main --config=configs/breastmnist.py --workdir=workdirs/breastmnist \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README (not measured yet).
+Measured (2026-11-30, 2-core CPU, seeds 0/1/2; benchmarks/transfer.py's 'breastmnist / scratch' arm):
+test ACC 0.831 ± 0.033, AUC 0.852 ± 0.026 (MedMNIST's ResNet-18 (28): 0.863 / 0.901). The paper CNN at
+28x28 (configs/breastmnist_paper_cnn.py) does better: 0.874 ± 0.007 / 0.914 ± 0.002.
 """
 
 import ml_collections

@@ -9,7 +9,9 @@ Run (from the repo root; the official npz at ../shared/data/medmnist/pneumoniamn
   python -m medjax.main --config=configs/pneumoniamnist.py --workdir=workdirs/pneumoniamnist \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README (not measured yet).
+Measured (2026-11-30, 2-core CPU, seeds 0/1/2; benchmarks/transfer.py's 'pneumoniamnist / scratch' arm):
+test ACC 0.858 ± 0.021, AUC 0.964 ± 0.002 (MedMNIST's ResNet-18 (28): 0.854 / 0.944). The paper CNN at
+28x28 (configs/pneumoniamnist_paper_cnn.py) does better: 0.896 ± 0.005 / 0.974 ± 0.002.
 """
 
 import ml_collections

@@ -12,7 +12,9 @@ Run (from the repo root; converting needs `pip install '.[convert]'`, once):
   python -m medjax.main --config=configs/transfer_imagenet_medical_mnist.py \
     --workdir=workdirs/transfer_imagenet_medical_mnist --config.data.manual_dir=../shared/data
 
-Measured result: see README (not measured yet).
+Measured (2026-11-30, 2-core CPU, seeds 0/1/2; benchmarks/transfer.py's 'medical_mnist@100 / imagenet'
+arm, this recipe): test accuracy 1.0000 on every seed (5,498 of 5,498), macro AUC 1.000000; from scratch
+(configs/efficientnet_lite0.py) 0.9914 ± 0.0034. See README's transfer study.
 """
 
 import ml_collections
