@@ -27,9 +27,9 @@ Missing sources are made in DIR/sources: the ImageNet checkpoint by converting t
 Each run trains in DIR/<setting>/<init>/seed<k> and leaves DIR/<setting>/<init>/seed<k>/benchmark.json; a
 rerun reuses finished runs and refuses to resume a half-finished one (delete its folder), so the study
 can run in pieces (restrict --settings / --inits / --seeds). Every run is printed as one JSON line and
-written to DIR/results.jsonl (this invocation's runs); then a final JSON summary line (mean and sample std over seeds of test
-accuracy and AUC, beside MedMNIST's published ResNet-18 (28) numbers) is printed and written to
-DIR/summary.json, and a markdown table to DIR/results.md.
+written to DIR/results.jsonl (this invocation's runs); then a final JSON summary line (mean and sample
+std over seeds of test accuracy and AUC, beside MedMNIST's published ResNet-18 (28) numbers) is printed
+and written to DIR/summary.json, and a markdown table to DIR/results.md.
 
 AUC is the one-vs-rest macro AUC of medjax.metrics (for two classes: the usual binary AUC).
 """

@@ -3,9 +3,10 @@
 XLA:CPU allocates every step's activations and temporaries afresh. glibc serves big blocks (above its
 mmap threshold, or too big for a thread's arena) with new mmap'd pages and unmaps them when freed, so
 each step page-faults all of its big buffers in again: on this project's 2-core CPU an elementwise op on
-a 33.5 MB array took 10.1 ms instead of 1.5 ms, and the paper CNN's train step ran ~25% slower. Telling
-glibc to keep freed memory and to serve big blocks from one reusable heap removes that cost, at the price
-of a higher resident set (memory freed by one step is kept for the next; see README's performance table).
+a 33.5 MB array took 10.1 ms instead of 1.5 ms, and the paper CNN's train step ran 911-936 instead of
+1,149-1,174 images/s. Telling glibc to keep freed memory and to serve big blocks from one reusable heap
+removes that cost, at the price of a higher resident set (memory freed by one step is kept for the next;
+see README's performance table).
 
 `tune_allocator()` does this with mallopt; entry points call it before importing JAX or TensorFlow
 (the arena limit only holds for threads created afterwards). Set MEDJAX_TUNE_MALLOC=0 to leave the
