@@ -6,7 +6,8 @@ Prints one JSON object per measurement and, last, a summary: medians over rounds
 and compile time; `ratio_vs_torch` divides those medians, `ratio_vs_torch_paired` is the median of the
 same-round ratios (the fairer one when the machine's load drifts between rounds).
 
-Variants: `medjax` and `medjax_xla` (flax's native ops) run with glibc's allocator tuned as medjax.main
+Variants: `medjax`, `medjax_direct` (the CPU path without Winograd convolutions) and `medjax_xla`
+(flax's native ops) run with glibc's allocator tuned as medjax.main
 does (medjax/runtime.py); `torch` is PyTorch as shipped; `torch_tuned` is PyTorch with the same allocator
 settings, which speed it up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
 
@@ -45,7 +46,7 @@ MODELS = {
     "resnet18_imagenet": ({"name": "resnet18", "stem": "imagenet"}, 4, 1),
     "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),
 }
-VARIANTS = ("medjax", "medjax_xla", "torch", "torch_tuned")
+VARIANTS = ("medjax", "medjax_direct", "medjax_xla", "torch", "torch_tuned")
 BUSY_LOAD = 0.5  # 1-minute load average at the start above which the machine counts as busy.
 
 
@@ -93,7 +94,7 @@ def run_medjax(spec: dict) -> dict:
     tx = steps.create_optimizer(config.train, 1000)
     images, labels = _synthetic_batch(spec["batch_size"])
     batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
-    with layers.implementation(spec["implementation"]):
+    with layers.implementation(spec["implementation"]), layers.winograd_set_to(spec["winograd"]):
         state = jax.jit(functools.partial(steps.init_state, model, tx, image_shape=IMAGE_SHAPE))(
             jax.random.key(0)
         )
@@ -310,7 +311,10 @@ def main():
                 spec = {
                     "model": name,
                     "variant": variant,
-                    "implementation": {"medjax": "auto", "medjax_xla": "xla"}.get(variant),
+                    "implementation": {"medjax": "auto", "medjax_direct": "auto", "medjax_xla": "xla"}.get(
+                        variant
+                    ),
+                    "winograd": variant != "medjax_direct",
                     "batch_size": args.batch_size,
                     "steps": args.steps or steps,
                     "warmup": warmup if args.warmup < 0 else args.warmup,

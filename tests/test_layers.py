@@ -8,7 +8,7 @@ import pytest
 
 from configs import quick
 from medjax import models
-from medjax.models import layers
+from medjax.models import layers, winograd
 
 
 def _assert_close(actual, expected, rtol=1e-5):
@@ -54,6 +54,8 @@ CONV_CASES = [
     ((2, 4, 3, 5), dict(features=4, kernel_size=(3, 3), strides=2, padding=1, use_bias=False)),
     ((2, 6, 6, 2), dict(features=3, kernel_size=(5, 5), strides=2, padding="VALID")),
     ((2, 9, 9, 3), dict(features=4, kernel_size=3, kernel_dilation=2)),
+    # Winograd F(2x2, 3x3) forward pass and input gradient (32 channels, 8x8).
+    ((2, 8, 8, 32), dict(features=32, kernel_size=(3, 3), use_bias=False)),
     # Few input channels (forward pass as a sum over kernel taps).
     ((3, 12, 12, 1), dict(features=16, kernel_size=(3, 3), use_bias=False)),
     ((2, 11, 10, 1), dict(features=5, kernel_size=(5, 5), strides=2, padding="VALID")),
@@ -62,19 +64,67 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize(
-    "x_shape,kernel_shape,strides,method",
+    "x_shape,kernel_shape,strides,plan",
     [
-        ((128, 64, 64, 1), (3, 3, 1, 16), (1, 1), "taps"),  # The paper CNN's first layer.
-        ((128, 64, 64, 3), (3, 3, 3, 32), (2, 2), "taps"),
-        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), "native"),  # ResNet's 7x7 stem: 49 terms.
-        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), "native"),
-        ((128, 32, 32, 16), (1, 1, 16, 96), (1, 1), "native"),  # 1x1: a matmul.
-        ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), "patches"),
+        ((128, 64, 64, 1), (3, 3, 1, 16), (1, 1), ("taps", "native", "patches")),  # Paper CNN, first layer.
+        ((128, 64, 64, 3), (3, 3, 3, 32), (2, 2), ("taps", "native", "patches")),
+        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), ("native", "native", "patches")),  # 7x7 stem: 49 terms.
+        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), ("native", "native", "patches")),
+        ((128, 32, 32, 16), (1, 1, 16, 96), (1, 1), ("native", "native", "patches")),  # 1x1: a matmul.
+        ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), ("patches", "patches", "patches")),
+        # Winograd where it measured faster: the paper CNN's third and fourth layers, ResNet-18's stages.
+        ((128, 16, 16, 32), (3, 3, 32, 64), (1, 1), ("winograd2", "winograd2", "patches")),
+        ((128, 8, 8, 64), (3, 3, 64, 128), (1, 1), ("winograd2", "winograd2", "patches")),
+        ((128, 16, 16, 64), (3, 3, 64, 64), (1, 1), ("winograd4", "winograd4", "patches")),
+        ((128, 8, 8, 128), (3, 3, 128, 128), (1, 1), ("native", "native", "winograd4")),
+        ((128, 16, 16, 256), (3, 3, 256, 256), (1, 1), ("native", "native", "winograd4")),
+        ((128, 4, 4, 256), (3, 3, 256, 256), (1, 1), ("native", "native", "patches")),
+        ((128, 16, 16, 64), (3, 3, 64, 128), (2, 2), ("native", "native", "patches")),  # Strided.
     ],
 )
-def test_conv_method_choice(x_shape, kernel_shape, strides, method):
+def test_conv_plan_choice(x_shape, kernel_shape, strides, plan):
     pads = ((1, 1), (1, 1))
-    assert layers.conv_method(x_shape, kernel_shape, strides, pads) == method
+    assert layers.conv_plan(x_shape, kernel_shape, strides, pads) == layers.ConvPlan(*plan)
+
+
+def test_winograd_only_for_float32_and_when_allowed():
+    args = ((128, 16, 16, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+    direct = layers.ConvPlan("native", "native", "patches")
+    assert layers.conv_plan(*args, dtype=jnp.bfloat16) == direct
+    with layers.winograd_set_to(False):
+        assert layers.conv_plan(*args) == direct
+    assert layers.conv_plan(*args).forward == "winograd4"
+    assert layers.conv_plan(args[0], args[1], args[2], ((3, 3), (1, 1))) == direct  # Pad > 2.
+
+
+@pytest.mark.parametrize("tile", ["winograd2", "winograd4"])
+@pytest.mark.parametrize(
+    "x_shape,cout,pads",
+    [
+        ((2, 9, 7, 3), 4, ((1, 1), (1, 1))),  # Outputs not a whole number of tiles.
+        ((2, 8, 8, 5), 6, ((0, 0), (2, 1))),
+        ((3, 5, 6, 4), 3, ((2, 0), (1, 2))),
+        ((1, 3, 3, 2), 2, ((0, 0), (0, 0))),  # One output pixel.
+    ],
+)
+def test_winograd_conv_matches_native(tile, x_shape, cout, pads):
+    """Forward pass, input and kernel gradients of a Winograd plan against XLA's convolution."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, x_shape[3], cout)), jnp.float32)
+    plan = layers.ConvPlan(tile, tile, tile)
+    (out, grads), (ref_out, ref_grads) = _vjps(
+        [
+            lambda x, k: layers._fast_conv(x, k, (1, 1), pads, None, plan),
+            lambda x, k: layers._native_conv(x, k, (1, 1), pads),
+        ],
+        x,
+        kernel,
+    )
+    assert out.shape == ref_out.shape
+    rtol = 1e-6 if tile == "winograd2" else 1e-5  # F(4x4, 3x3)'s transforms round more.
+    _assert_close(out, ref_out, rtol=rtol)
+    jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, rtol=rtol), grads, ref_grads)
 
 
 @pytest.mark.parametrize("shape,kwargs", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
@@ -304,3 +354,22 @@ def test_model_gradients_same_on_both_paths():
             results[name] = jax.jit(jax.value_and_grad(loss))(variables["params"])
     _assert_close(results["fast"][0], results["xla"][0])
     jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, rtol=1e-4), results["fast"][1], results["xla"][1])
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 3])  # 3 does not divide 7: the batch gets zero images.
+def test_winograd_chunks_match_whole_batch(images_per_chunk):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(7, 6, 5, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(7, 6, 5, 5)), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    whole = (winograd.conv(x, kernel, pads, 4), winograd.kernel_grad(x, g, pads, 4))
+    tile_bytes = 4 * 36 * 5 * 4  # Per image: 2 x 2 tiles of 6 x 6, 5 channels (the larger), float32.
+    with layers.patch_bytes_limit_set_to(images_per_chunk * tile_bytes):
+        chunked = jax.jit(
+            lambda x, k, g: (layers.winograd_conv(x, k, pads, 4), layers.winograd_kernel_grad(x, g, pads, 4))
+        )(x, kernel, g)
+        jaxpr = str(jax.make_jaxpr(lambda x, k: layers.winograd_conv(x, k, pads, 4))(x, kernel))
+    assert "scan" in jaxpr or "while" in jaxpr  # Really chunked.
+    _assert_close(chunked[0], whole[0])  # Compiled separately: rounding may differ slightly.
+    _assert_close(chunked[1], whole[1])

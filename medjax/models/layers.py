@@ -12,7 +12,9 @@ CPU ("fast") path therefore uses:
 * convolution: XLA's forward and input gradient, and the kernel gradient as patches + one matmul,
   chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes; the
   forward pass of few-input-channel convolutions (first layers) as a sum over kernel taps, where
-  XLA:CPU's convolution is slowest (7x slower for a 3x3 grayscale first layer);
+  XLA:CPU's convolution is slowest (7x slower for a 3x3 grayscale first layer); and float32 3x3
+  stride-1 convolutions, for the passes and sizes where it measured faster, by Winograd's F(2x2, 3x3)
+  or F(4x4, 3x3) (`winograd.py`, chosen by `conv_plan`);
 * depthwise convolution (groups == input == output channels, where XLA:CPU's grouped convolution and
   above all its gradients are slow): a sum over the kernel taps of strided slices of the padded input
   times the tap's per-channel weights, with a custom gradient of the same kind (other grouped and all
@@ -25,13 +27,15 @@ parameters, initializers and auto-generated names, so checkpoints move freely be
 """
 
 import contextlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from medjax.models import winograd
 
 IMPLEMENTATIONS = ("auto", "xla", "fast")
 # Kernel-gradient patches of a few MiB stay in cache (measured faster than bigger or smaller chunks).
@@ -43,7 +47,11 @@ _DEPTHWISE_CHUNK = 4
 # 7x7x1 stride 2 -> 64 channels (49 terms) 4.8 -> 7.8 ms. 1x1 convolutions stay matmuls (16 -> 96
 # channels at 32x32: 0.63 -> 1.04 ms at batch 32, 3.6 -> 2.1 ms at batch 128).
 _TAP_SUM_MAX_TERMS = 27
-_settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20}
+# Winograd thresholds (see _winograd_method): min(cin, cout) ranges where it measured faster.
+_WINOGRAD_MIN_CHANNELS = 32
+_WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 128
+_WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
+_settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "winograd": True}
 
 
 def set_implementation(name: str) -> None:
@@ -77,6 +85,17 @@ def patch_bytes_limit_set_to(limit: int):
         yield
     finally:
         _settings["patch_bytes_limit"] = previous
+
+
+@contextlib.contextmanager
+def winograd_set_to(enabled: bool):
+    """Allows (True, the default) or forbids Winograd convolutions for functions traced inside."""
+    previous = _settings["winograd"]
+    _settings["winograd"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _settings["winograd"] = previous
 
 
 def use_fast_path() -> bool:
@@ -264,6 +283,57 @@ def _native_conv(x, kernel, strides, pads, precision=None) -> jnp.ndarray:
     )
 
 
+def _batch_chunks(n: int, bytes_per_image: int) -> tuple[int, int]:
+    """(images per chunk, chunks) so that a chunk holds at most `patch_bytes_limit()` bytes (one image at
+    the least); a divisor of n unless that would halve the chunk, else the batch is padded."""
+    chunk = max(1, min(n, patch_bytes_limit() // bytes_per_image))
+    divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
+    if 2 * divisor >= chunk:
+        chunk = divisor
+    return chunk, -(-n // chunk)
+
+
+def _pad_batch(x: jnp.ndarray, n: int) -> jnp.ndarray:
+    """x with zero images appended up to n (zero images and cotangents add nothing to a kernel grad)."""
+    if x.shape[0] == n:
+        return x
+    return jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def winograd_conv(x, kernel, pads, m: int, precision=None) -> jnp.ndarray:
+    """`winograd.conv`, chunked over the batch like `winograd_kernel_grad` (bounded memory: the whole
+    batch's transformed input and products would be (1 + 2/m)^2 times the input and output)."""
+    n, (h, w), c = x.shape[0], x.shape[1:3], x.shape[3]
+    oh, ow = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
+    tiles = -(-oh // m) * -(-ow // m)
+    chunk, num_chunks = _batch_chunks(n, tiles * (m + 2) ** 2 * max(c, kernel.shape[3]) * x.dtype.itemsize)
+    if num_chunks == 1:
+        return winograd.conv(x, kernel, pads, m, precision)
+    u = winograd.transform_kernel(kernel, m)
+    xs = _pad_batch(x, num_chunks * chunk).reshape(num_chunks, chunk, *x.shape[1:])
+    ys = lax.map(lambda x_chunk: winograd.conv(x_chunk, kernel, pads, m, precision, u), xs)
+    return ys.reshape(num_chunks * chunk, *ys.shape[2:])[:n]
+
+
+def winograd_kernel_grad(x, g, pads, m: int, precision=None) -> jnp.ndarray:
+    """`winograd.kernel_grad`, chunked over the batch like `conv_weight_grad`: one chunk's transformed
+    input holds at most `patch_bytes_limit()` bytes, which bounds memory (the whole batch's would be
+    (1 + 2/m)^2 times the input)."""
+    n, c, cout = x.shape[0], x.shape[3], g.shape[3]
+    tiles = -(-g.shape[1] // m) * -(-g.shape[2] // m)
+    chunk, num_chunks = _batch_chunks(n, tiles * (m + 2) ** 2 * c * x.dtype.itemsize)
+    if num_chunks == 1:
+        return winograd.kernel_grad(x, g, pads, m, precision)
+    xs = _pad_batch(x, num_chunks * chunk).reshape(num_chunks, chunk, *x.shape[1:])
+    gs = _pad_batch(g, num_chunks * chunk).reshape(num_chunks, chunk, *g.shape[1:])
+
+    def step(total, chunks):
+        return total + winograd.kernel_grad_products(*chunks, pads, m, precision), None
+
+    du, _ = lax.scan(step, jnp.zeros(((m + 2) ** 2, c, cout), jnp.float32), (xs, gs))
+    return winograd.kernel_grad_from_products(du, m)
+
+
 def conv_weight_grad(x, g, kernel_shape, strides, pads, precision=None) -> jnp.ndarray:
     """Kernel cotangent of a 2-D NHWC/HWIO convolution: patches(x)^T @ g, chunked over the batch.
 
@@ -275,16 +345,8 @@ def conv_weight_grad(x, g, kernel_shape, strides, pads, precision=None) -> jnp.n
     """
     kh, kw, cin, cout = kernel_shape
     n, oh, ow = g.shape[:3]
-    per_image = oh * ow * kh * kw * cin * x.dtype.itemsize
-    chunk = max(1, min(n, patch_bytes_limit() // per_image))
-    divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
-    if 2 * divisor >= chunk:  # Else pad the batch to a multiple of `chunk`.
-        chunk = divisor
-    num_chunks = -(-n // chunk)
-    xp = _pad_spatial(x, pads, 0)
-    if num_chunks * chunk != n:  # Zero images (and cotangents) add nothing to the sum.
-        xp = jnp.pad(xp, ((0, num_chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
-        g = jnp.pad(g, ((0, num_chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
+    chunk, num_chunks = _batch_chunks(n, oh * ow * kh * kw * cin * x.dtype.itemsize)
+    xp, g = _pad_batch(_pad_spatial(x, pads, 0), num_chunks * chunk), _pad_batch(g, num_chunks * chunk)
     hp, wp = xp.shape[1:3]
     # [chunks, cin, images, hp, wp]: one transpose of x, then each window slice is channel-major.
     xs = xp.reshape(num_chunks, chunk, hp, wp, cin).transpose(0, 4, 1, 2, 3)
@@ -358,52 +420,115 @@ def _conv(x, kernel, strides, pads, precision, method):
         return _patches_conv(x, kernel, strides, pads, precision)
     if method == "taps":
         return _tap_sum_conv(x, kernel, strides, pads)
+    if method.startswith("winograd"):
+        return winograd_conv(x, kernel, pads, _WINOGRAD_TILES[method], precision)
     return _native_conv(x, kernel, strides, pads, precision)
 
 
-def _fast_conv_fwd(x, kernel, strides, pads, precision, method):
-    return _conv(x, kernel, strides, pads, precision, method), (x, kernel)
+def _fast_conv_fwd(x, kernel, strides, pads, precision, plan):
+    return _conv(x, kernel, strides, pads, precision, plan.forward), (x, kernel)
 
 
-def _fast_conv_bwd(strides, pads, precision, method, residuals, g):
+def _fast_conv_bwd(strides, pads, precision, plan, residuals, g):
     x, kernel = residuals
-    # The input gradient of a tap sum is XLA's (the first layer's is pruned as unused anyway).
-    dx_method = "patches" if method == "patches" else "native"
-    _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads, precision, dx_method), x)
-    dk = conv_weight_grad(x, g, kernel.shape, strides, pads, precision)
-    return x_vjp(g)[0], dk.astype(kernel.dtype)
+    if plan.input_grad.startswith("winograd"):
+        # A 3x3 stride-1 convolution's input gradient is the convolution of g with the flipped,
+        # transposed kernel, padded by 2 - pad on each side.
+        dx_pads = tuple((2 - lo, 2 - hi) for lo, hi in pads)
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        dx = _conv(g, flipped, strides, dx_pads, precision, plan.input_grad)
+    else:
+        _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads, precision, plan.input_grad), x)
+        dx = x_vjp(g)[0]
+    if plan.kernel_grad.startswith("winograd"):
+        dk = winograd_kernel_grad(x, g, pads, _WINOGRAD_TILES[plan.kernel_grad], precision)
+    else:
+        dk = conv_weight_grad(x, g, kernel.shape, strides, pads, precision)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_fast_conv = jax.custom_vjp(_conv, nondiff_argnums=(2, 3, 4, 5))
+def _planned_conv(x, kernel, strides, pads, precision, plan):
+    return _conv(x, kernel, strides, pads, precision, plan.forward)
+
+
+_fast_conv = jax.custom_vjp(_planned_conv, nondiff_argnums=(2, 3, 4, 5))
 _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
 
 
-def conv_method(x_shape, kernel_shape, strides, pads) -> str:
-    """Which forward pass `fast_conv` uses: 'patches', 'taps' or 'native' (see fast_conv)."""
+class ConvPlan(NamedTuple):
+    """How `fast_conv` computes each pass: forward ('native', 'patches', 'taps', 'winograd2',
+    'winograd4'), input gradient ('native', 'patches', 'winograd2', 'winograd4') and kernel gradient
+    ('patches', 'winograd2', 'winograd4'). 'patches' in the kernel gradient is `conv_weight_grad`."""
+
+    forward: str
+    input_grad: str
+    kernel_grad: str
+
+
+def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[str]:
+    """The Winograd tile for one pass of a float32 3x3 stride-1 convolution, or None for the direct one.
+
+    Measured on this project's 2-core AVX-512 CPU (batch 128, the passes jitted alone): XLA's direct
+    convolution runs at ~200 GFLOP/s with 16-64 channels and 350-400 with 128 or more. Forward pass and
+    input gradient at 32-64 channels on 8x8 to 16x16 maps: F(2x2) 5.8 -> 4.1-4.6 ms (16x16, 32 -> 64
+    channels), 6.0 -> 3.2-3.6 ms (8x8, 64 -> 128); F(4x4) 12.0 -> 5.7-7.5 ms (16x16, 64 -> 64). Kernel
+    gradient from 128 channels on 8x8 and larger maps, F(4x4) against `conv_weight_grad`: 8.8-13 ->
+    6.5 ms (8x8, 128), 111 -> 63 ms (16x16, 256), 107 -> 69 ms (8x8, 512), 134 -> 85 ms (32x32, 128).
+    Not used: forward and input gradient at 256+ channels (faster, ~100 -> 65 ms, but XLA's buffer
+    assignment then needed ~370 MiB more for ResNet-18 with the 3x3 stem) and 16 channels or 32x32 maps
+    (slower).
+    """
+    channels = min(cin, cout)
+    if pass_ == "kernel_grad":
+        return "winograd4" if channels >= _WINOGRAD_KERNEL_GRAD_MIN_CHANNELS and out_hw >= 8 else None
+    if _WINOGRAD_MIN_CHANNELS <= channels <= 64 and 8 <= out_hw <= 16:
+        return "winograd4" if channels == 64 and out_hw == 16 else "winograd2"
+    return None
+
+
+def conv_plan(x_shape, kernel_shape, strides, pads, dtype=jnp.float32) -> ConvPlan:
+    """Which method `fast_conv` uses for the forward pass, the input gradient and the kernel gradient."""
     window = max(kernel_shape[:2])
     out = [_out_size(x_shape[1 + d] + sum(pads[d]), kernel_shape[d], strides[d]) for d in range(2)]
     if min(x_shape[1], x_shape[2], *out) < window:
-        return "patches"
+        return ConvPlan("patches", "patches", "patches")
     taps = kernel_shape[0] * kernel_shape[1]
     if taps > 1 and taps * kernel_shape[2] <= _TAP_SUM_MAX_TERMS:  # 1x1 convolutions are plain matmuls.
-        return "taps"
-    return "native"
+        return ConvPlan("taps", "native", "patches")  # (A first layer's input gradient is pruned.)
+    plan = ConvPlan("native", "native", "patches")
+    winograd_ok = (
+        tuple(kernel_shape[:2]) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and all(0 <= p <= 2 for pair in pads for p in pair)
+        and jnp.dtype(dtype) == jnp.float32
+        and _settings["winograd"]
+    )
+    if not winograd_ok:
+        return plan
+    cin, cout, out_hw = kernel_shape[2], kernel_shape[3], min(out)
+    return ConvPlan(
+        _winograd_method(cin, cout, out_hw, "forward") or plan.forward,
+        _winograd_method(cout, cin, out_hw, "input_grad") or plan.input_grad,
+        _winograd_method(cin, cout, out_hw, "kernel_grad") or plan.kernel_grad,
+    )
 
 
 def fast_conv(x, kernel, strides, pads, precision=None) -> jnp.ndarray:
-    """2-D NHWC/HWIO convolution for CPU: kernel gradient from `conv_weight_grad`; forward and input
-    gradient from XLA, except
-    * where a spatial extent of the input or output is smaller than the kernel: XLA:CPU falls off its
-      fast convolution there (measured 50-80x slower for ResNet-18's 2x2 last stage), and patches @
-      kernel (and its transpose) are used instead; such patch tensors are small;
+    """2-D NHWC/HWIO convolution for CPU, each pass by the method `conv_plan` picks:
+    * by default XLA's forward and input gradient, and `conv_weight_grad` for the kernel gradient;
+    * where a spatial extent of the input or output is smaller than the kernel, patches @ kernel (and its
+      transpose): XLA:CPU falls off its fast convolution there (measured 50-80x slower for ResNet-18's
+      2x2 last stage); such patch tensors are small;
     * where kh * kw * cin <= _TAP_SUM_MAX_TERMS and the kernel is bigger than 1x1 (first layers on
-      grayscale or RGB images): the forward pass is `_tap_sum_conv`.
+      grayscale or RGB images): the forward pass is `_tap_sum_conv`;
+    * float32 3x3 stride-1 convolutions with the channel counts and sizes where it measured faster:
+      Winograd's F(2x2, 3x3) or F(4x4, 3x3) (`winograd.py`) for any of the three passes.
 
     (Unused input gradients, as for the first layer, are pruned by XLA's dead-code elimination.)
     """
-    strides, pads = tuple(strides), tuple(pads)
-    method = conv_method(x.shape, kernel.shape, strides, pads)
-    return _fast_conv(x, kernel, strides, pads, precision, method)
+    strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
+    plan = conv_plan(x.shape, kernel.shape, strides, pads, jnp.result_type(x, kernel))
+    return _fast_conv(x, kernel, strides, pads, precision, plan)
 
 
 def _depthwise_forward(xp, kernel, strides, out_shape):
