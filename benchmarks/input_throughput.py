@@ -23,7 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from medjax import runtime  # noqa: E402
 
-runtime.tune_allocator()  # As medjax.main does: tf.data runs under the same allocator settings.
+if __name__ == "__main__":  # Not on import: it may re-execute the process.
+    runtime.tune_allocator()  # As medjax.main does: tf.data runs under the same allocator settings.
 
 
 def _pipeline_rate(data, config, augment: bool, num_batches: int, start_step: int) -> float:

@@ -2,7 +2,8 @@
 
 from medjax import runtime
 
-runtime.tune_allocator()  # Before JAX and TensorFlow start their threads.
+if __name__ == "__main__":  # Not on import: it may re-execute the process (see runtime.py).
+    runtime.tune_allocator()  # Before JAX and TensorFlow start their threads.
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

@@ -1,4 +1,5 @@
-"""medjax.runtime: glibc allocator tuning, its switches, and its effect (freed big blocks are kept)."""
+"""medjax.runtime: glibc allocator tuning, its switches, and its effects (huge pages for big blocks after a
+re-exec; or, with mallopt, freed big blocks kept)."""
 
 import json
 import subprocess
@@ -9,12 +10,16 @@ import pytest
 
 from medjax import runtime
 
-# Allocates and frees a 256 MiB block in a fresh process and reports its resident set before and after
-# the free (in MiB), after tune_allocator() saw the environment given as argv[1].
+# Allocates and frees a 256 MiB block in a fresh process and reports its resident set and huge pages
+# before and after the free (in MiB), after tune_allocator() saw the environment given as argv[1] (or the
+# process's own, which lets it re-execute the process, when argv[1] is "real").
 _PROBE = textwrap.dedent("""
     import ctypes, json, os, sys
     from medjax import runtime
-    status = runtime.tune_allocator(json.loads(sys.argv[1]))
+    if sys.argv[1] == "real":
+        status = runtime.tune_allocator()
+    else:
+        status = runtime.tune_allocator(json.loads(sys.argv[1]), reexec=False)
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)
@@ -23,18 +28,24 @@ _PROBE = textwrap.dedent("""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+    def huge_mib():
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:")) / 1024
+
     size = 256 * 2**20
     block = libc.malloc(size)
     ctypes.memset(block, 1, size)  # Touch every page.
-    held = rss_mib()
+    held, huge = rss_mib(), huge_mib()
     libc.free(block)
-    print(json.dumps({"status": status, "held": held, "after_free": rss_mib()}))
+    print(json.dumps({"status": status, "held": held, "huge": huge, "after_free": rss_mib(),
+                      "argv": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES")}))
     """)
 
 
-def _probe(environ: dict) -> dict:
+def _probe(environ) -> dict:
+    argument = environ if environ == "real" else json.dumps(environ)
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(environ)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE, argument, "--flag=x"], capture_output=True, text=True, check=True
     ).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -45,8 +56,27 @@ def test_switch_and_user_settings_leave_the_allocator_alone():
     assert runtime.tune_allocator({"LD_PRELOAD": "/usr/lib/libtcmalloc.so"}).startswith("unchanged")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
-def test_tuned_process_keeps_freed_memory_and_default_returns_it():
+@pytest.mark.skipif(
+    runtime._thp_mode() != "madvise" or runtime._glibc_version() < (2, 35),
+    reason="needs transparent huge pages in 'madvise' mode and glibc >= 2.35",
+)
+def test_reexecuted_process_gets_huge_pages_and_returns_freed_memory():
+    tuned = _probe("real")
+    assert tuned["status"].startswith(f"GLIBC_TUNABLES={runtime.HUGETLB_TUNABLE}"), tuned
+    assert tuned["tunables"] == runtime.HUGETLB_TUNABLE
+    assert tuned["argv"] == ["real", "--flag=x"]  # Same command line after the re-exec.
+    assert tuned["huge"] > 0, tuned  # Faulted in 2 MiB at a time.
+    assert tuned["held"] - tuned["after_free"] > 200, tuned  # And given back when freed.
+    # Without the switch's consent nothing happens, and a user's own tunables are left alone.
+    assert _probe({runtime.ENV_SWITCH: "0"})["huge"] == 0
+    assert runtime.tune_allocator({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}).startswith("unchanged")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or runtime._thp_mode() == "always",
+    reason="glibc's mallopt is Linux-only; with THP 'always' nothing is tuned",
+)
+def test_mallopt_process_keeps_freed_memory_and_default_returns_it():
     tuned = _probe({})
     for name, (_, value) in runtime.SETTINGS.items():
         assert f"{name}={value}" in tuned["status"]
