@@ -56,46 +56,44 @@ _settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "winograd
 
 def set_implementation(name: str) -> None:
     """'auto' (fast on CPU, XLA elsewhere), 'xla' or 'fast', for functions traced from now on."""
+    _settings["implementation"] = _checked_implementation(name)
+
+
+def _checked_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown layers implementation {name!r}; known: {IMPLEMENTATIONS}")
-    _settings["implementation"] = name
+    return name
 
 
 @contextlib.contextmanager
-def implementation(name: str):
-    """Uses implementation `name` for functions traced inside this context."""
-    previous = _settings["implementation"]
-    set_implementation(name)
+def _setting_set_to(key: str, value):
+    """Sets `_settings[key]` to `value` inside the context (for functions traced there)."""
+    previous = _settings[key]
+    _settings[key] = value
     try:
         yield
     finally:
-        _settings["implementation"] = previous
+        _settings[key] = previous
+
+
+def implementation(name: str):
+    """Uses implementation `name` for functions traced inside this context."""
+    return _setting_set_to("implementation", _checked_implementation(name))
 
 
 def patch_bytes_limit() -> int:
     return _settings["patch_bytes_limit"]
 
 
-@contextlib.contextmanager
 def patch_bytes_limit_set_to(limit: int):
-    """Bounds one chunk of kernel-gradient patches to `limit` bytes for functions traced inside."""
-    previous = _settings["patch_bytes_limit"]
-    _settings["patch_bytes_limit"] = int(limit)
-    try:
-        yield
-    finally:
-        _settings["patch_bytes_limit"] = previous
+    """Bounds one chunk of kernel-gradient patches (and of Winograd tiles) to `limit` bytes for functions
+    traced inside this context."""
+    return _setting_set_to("patch_bytes_limit", int(limit))
 
 
-@contextlib.contextmanager
 def winograd_set_to(enabled: bool):
     """Allows (True, the default) or forbids Winograd convolutions for functions traced inside."""
-    previous = _settings["winograd"]
-    _settings["winograd"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _settings["winograd"] = previous
+    return _setting_set_to("winograd", bool(enabled))
 
 
 def use_fast_path() -> bool:
