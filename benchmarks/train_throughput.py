@@ -84,7 +84,7 @@ def run_medjax(spec: dict) -> dict:
     import jax
     import numpy as np
 
-    from medjax import models, steps
+    from medjax import models, runtime, steps
     from medjax.models import layers
 
     config = model_config(spec["model"], spec.get("dtype", "float32"))
@@ -113,6 +113,7 @@ def run_medjax(spec: dict) -> dict:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+    runtime.release_free_memory()  # As medjax's training loop does after its first step.
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
     for _ in range(spec["warmup"]):
         state, metrics = compiled(state, batch)
