@@ -94,7 +94,7 @@ def run_medjax(spec: dict) -> dict:
     tx = steps.create_optimizer(config.train, 1000)
     images, labels = _synthetic_batch(spec["batch_size"])
     batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
-    with layers.implementation(spec["implementation"]), layers.winograd_set_to(spec["winograd"]):
+    with layers.implementation(spec["implementation"]), layers.winograd_set_to(spec.get("winograd", True)):
         state = jax.jit(functools.partial(steps.init_state, model, tx, image_shape=IMAGE_SHAPE))(
             jax.random.key(0)
         )
