@@ -70,14 +70,25 @@ def tune_allocator(environ=None, reexec: bool = True) -> str:
     elif thp_mode == "always":
         status = "unchanged (transparent huge pages: always)"
     elif thp_mode == "madvise" and _glibc_version() >= (2, 35) and reexec and real_environment:
-        os.environ["GLIBC_TUNABLES"] = HUGETLB_TUNABLE
-        os.environ[_REEXEC_MARK] = "1"
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+        _reexecute_with_huge_pages()  # Returns only if the re-exec failed.
+        status = _apply() + " (re-exec for huge pages failed)"
     else:
         status = _apply()
     return status
+
+
+def _reexecute_with_huge_pages() -> None:
+    """Replaces this process by the same command line with glibc's huge-page tunable set."""
+    if not sys.executable:
+        return
+    os.environ["GLIBC_TUNABLES"] = HUGETLB_TUNABLE
+    os.environ[_REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
+    except OSError:
+        del os.environ["GLIBC_TUNABLES"], os.environ[_REEXEC_MARK]
 
 
 def _thp_mode() -> str:

@@ -116,3 +116,18 @@ def test_release_free_memory_returns_freed_heap_blocks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     result = json.loads(out.splitlines()[-1])
     assert result["released"] and result["held"] - result["after"] > 150, result
+
+
+def test_failed_reexec_falls_back_to_mallopt_and_restores_the_environment(monkeypatch):
+    def refuse(*args):
+        raise OSError("exec refused")
+
+    for name in (runtime.ENV_SWITCH, "GLIBC_TUNABLES", "LD_PRELOAD", *runtime._GLIBC_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(runtime, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(runtime, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(runtime, "_apply", lambda: "glibc mallopt (stub)")
+    monkeypatch.setattr(runtime.os, "execv", refuse)
+    assert runtime.tune_allocator() == "glibc mallopt (stub) (re-exec for huge pages failed)"
+    assert "GLIBC_TUNABLES" not in runtime.os.environ and runtime._REEXEC_MARK not in runtime.os.environ
