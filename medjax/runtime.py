@@ -109,13 +109,20 @@ def _glibc_version() -> tuple[int, ...]:
         return (0,)
 
 
-def _apply() -> str:
+def _libc_function(name: str, argtypes: tuple):
+    """glibc's function `name` (returning int) through ctypes, or None where there is no such function."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
+def _apply() -> str:
+    mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return "unchanged (no glibc mallopt)"
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     applied = [name for name, (param, value) in SETTINGS.items() if mallopt(param, value) == 1]
     refused = [name for name in SETTINGS if name not in applied]
     return "glibc mallopt " + ", ".join(
@@ -130,10 +137,5 @@ def release_free_memory() -> bool:
     1,392 -> 1,044 MiB). True if anything was released; a no-op off glibc or with MEDJAX_TUNE_MALLOC=0."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
-    return malloc_trim(0) == 1
+    malloc_trim = _libc_function("malloc_trim", (ctypes.c_size_t,))
+    return malloc_trim is not None and malloc_trim(0) == 1

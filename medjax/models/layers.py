@@ -298,6 +298,11 @@ def _pad_batch(x: jnp.ndarray, n: int) -> jnp.ndarray:
     return jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
+def _split_batch(x: jnp.ndarray, chunk: int, num_chunks: int) -> jnp.ndarray:
+    """[n, ...] -> [num_chunks, chunk, ...], zero images appended as needed."""
+    return _pad_batch(x, num_chunks * chunk).reshape(num_chunks, chunk, *x.shape[1:])
+
+
 def winograd_conv(x, kernel, pads, m: int, precision=None) -> jnp.ndarray:
     """`winograd.conv`, chunked over the batch like `winograd_kernel_grad` (bounded memory: the whole
     batch's transformed input and products would be (1 + 2/m)^2 times the input and output)."""
@@ -308,7 +313,7 @@ def winograd_conv(x, kernel, pads, m: int, precision=None) -> jnp.ndarray:
     if num_chunks == 1:
         return winograd.conv(x, kernel, pads, m, precision)
     u = winograd.transform_kernel(kernel, m)
-    xs = _pad_batch(x, num_chunks * chunk).reshape(num_chunks, chunk, *x.shape[1:])
+    xs = _split_batch(x, chunk, num_chunks)
     ys = lax.map(lambda x_chunk: winograd.conv(x_chunk, kernel, pads, m, precision, u), xs)
     return ys.reshape(num_chunks * chunk, *ys.shape[2:])[:n]
 
@@ -322,8 +327,7 @@ def winograd_kernel_grad(x, g, pads, m: int, precision=None) -> jnp.ndarray:
     chunk, num_chunks = _batch_chunks(n, tiles * (m + 2) ** 2 * c * x.dtype.itemsize)
     if num_chunks == 1:
         return winograd.kernel_grad(x, g, pads, m, precision)
-    xs = _pad_batch(x, num_chunks * chunk).reshape(num_chunks, chunk, *x.shape[1:])
-    gs = _pad_batch(g, num_chunks * chunk).reshape(num_chunks, chunk, *g.shape[1:])
+    xs, gs = _split_batch(x, chunk, num_chunks), _split_batch(g, chunk, num_chunks)
 
     def step(total, chunks):
         return total + winograd.kernel_grad_products(*chunks, pads, m, precision), None
