@@ -49,7 +49,8 @@ _DEPTHWISE_CHUNK = 4
 _TAP_SUM_MAX_TERMS = 27
 # Winograd thresholds (see _winograd_method): min(cin, cout) ranges where it measured faster.
 _WINOGRAD_MIN_CHANNELS = 32
-_WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 128
+_WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 128  # On smaller maps than 32x32.
+_WINOGRAD_INPUT_GRAD_MAX_HW = 64  # Input gradients on maps this large stay direct (memory).
 _WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 _settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "winograd": True}
 
@@ -470,20 +471,32 @@ class ConvPlan(NamedTuple):
 def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[str]:
     """The Winograd tile for one pass of a float32 3x3 stride-1 convolution, or None for the direct one.
 
-    Measured on this project's 2-core AVX-512 CPU (batch 128, the passes jitted alone): XLA's direct
-    convolution runs at ~200 GFLOP/s with 16-64 channels and 350-400 with 128 or more. Forward pass and
-    input gradient at 32-64 channels on 8x8 to 16x16 maps: F(2x2) 5.8 -> 4.1-4.6 ms (16x16, 32 -> 64
-    channels), 6.0 -> 3.2-3.6 ms (8x8, 64 -> 128); F(4x4) 12.0 -> 5.7-7.5 ms (16x16, 64 -> 64). Kernel
-    gradient from 128 channels on 8x8 and larger maps, F(4x4) against `conv_weight_grad`: 8.8-13 ->
-    6.5 ms (8x8, 128), 111 -> 63 ms (16x16, 256), 107 -> 69 ms (8x8, 512), 134 -> 85 ms (32x32, 128).
-    Not used: forward and input gradient at 256+ channels (faster, ~100 -> 65 ms, but XLA's buffer
-    assignment then needed ~370 MiB more for ResNet-18 with the 3x3 stem) and 16 channels or 32x32 maps
-    (slower).
+    Measured on this project's 2-core AVX-512 CPU (batch 128, each pass jitted alone, batch-chunked as
+    here, ms for direct -> Winograd). XLA's direct convolution runs at ~200 GFLOP/s with 16-64 channels
+    and 350-400 with 128 or more. Forward pass and input gradient:
+    * 64x64 and 32x32 maps, F(4x4): 180 -> 116 (64x64, 64 channels), 52 -> 20 (32x32, 64), 104 -> 91-99
+      (32x32, 128). The input gradient at 64x64 stays direct for memory: with it, XLA kept about four
+      more full-size buffers alive (ResNet-18 with the 3x3 stem: +514 MiB of temp buffers, peak RSS 4.3
+      -> 4.8 GiB, 1.6x PyTorch's).
+    * 256+ channels, F(4x4): 106 -> 61 (16x16, 256), 108 -> 81 (8x8, 512); at 4x4 maps direct is faster.
+    * 32-64 channels on 8x8-16x16 maps: F(2x2) 5.8 -> 4.1-4.6 (16x16, 32 -> 64), 6.0 -> 3.2-3.6 (8x8,
+      64 -> 128); F(4x4) 12.0 -> 5.7-7.5 (16x16, 64 -> 64). F(4x4) everywhere was faster pass by pass
+      but not in the paper CNN's whole step (0.92-1.0x of this plan, and +130 MiB).
+    * 128 channels on 8x8-16x16 maps and 16 channels: direct (no faster in whole steps / slower).
+    Kernel gradient, F(4x4) against `conv_weight_grad`: from 128 channels on 8x8 and larger maps 8.8-13
+    -> 6.5 (8x8, 128), 111 -> 63 (16x16, 256), 107 -> 69 (8x8, 512), 134 -> 85 (32x32, 128); and from
+    32 channels on 32x32 and larger maps, 329 -> 181 (64x64, 64), 55 -> 33 (32x32, 64).
     """
     channels = min(cin, cout)
+    if channels < _WINOGRAD_MIN_CHANNELS or out_hw < 8:
+        return None
     if pass_ == "kernel_grad":
-        return "winograd4" if channels >= _WINOGRAD_KERNEL_GRAD_MIN_CHANNELS and out_hw >= 8 else None
-    if _WINOGRAD_MIN_CHANNELS <= channels <= 64 and 8 <= out_hw <= 16:
+        return "winograd4" if channels >= _WINOGRAD_KERNEL_GRAD_MIN_CHANNELS or out_hw >= 32 else None
+    if pass_ == "input_grad" and out_hw >= _WINOGRAD_INPUT_GRAD_MAX_HW:
+        return None
+    if out_hw >= 32 or channels >= 256:
+        return "winograd4"
+    if channels <= 64 and out_hw <= 16:
         return "winograd4" if channels == 64 and out_hw == 16 else "winograd2"
     return None
 
