@@ -50,7 +50,6 @@ _TAP_SUM_MAX_TERMS = 27
 # Winograd thresholds (see _winograd_method): min(cin, cout) ranges where it measured faster.
 _WINOGRAD_MIN_CHANNELS = 32
 _WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 128  # On smaller maps than 32x32.
-_WINOGRAD_INPUT_GRAD_MAX_HW = 64  # Input gradients on maps this large stay direct (memory).
 _WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 _settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "winograd": True}
 
@@ -315,7 +314,17 @@ def winograd_conv(x, kernel, pads, m: int, precision=None) -> jnp.ndarray:
         return winograd.conv(x, kernel, pads, m, precision)
     u = winograd.transform_kernel(kernel, m)
     xs = _split_batch(x, chunk, num_chunks)
-    ys = lax.map(lambda x_chunk: winograd.conv(x_chunk, kernel, pads, m, precision, u), xs)
+    # The output buffer is filled from a zero computed from x, not a constant: XLA merges equal
+    # constants, so every such loop in a step would share one zero array and copy it early on, keeping
+    # one full-size buffer per loop alive (ResNet-18, 3x3 stem: +514 MiB with Winograd input gradients).
+    zero = xs[0, 0, 0, 0, 0] * 0
+    out_dtype = jnp.result_type(x, kernel)
+    ys = jnp.full((num_chunks, chunk, oh, ow, kernel.shape[3]), zero, out_dtype)
+
+    def fill_chunk(i, ys):
+        return ys.at[i].set(winograd.conv(xs[i], kernel, pads, m, precision, u))
+
+    ys = lax.fori_loop(0, num_chunks, fill_chunk, ys)
     return ys.reshape(num_chunks * chunk, *ys.shape[2:])[:n]
 
 
@@ -475,9 +484,7 @@ def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[s
     here, ms for direct -> Winograd). XLA's direct convolution runs at ~200 GFLOP/s with 16-64 channels
     and 350-400 with 128 or more. Forward pass and input gradient:
     * 64x64 and 32x32 maps, F(4x4): 180 -> 116 (64x64, 64 channels), 52 -> 20 (32x32, 64), 104 -> 91-99
-      (32x32, 128). The input gradient at 64x64 stays direct for memory: with it, XLA kept about four
-      more full-size buffers alive (ResNet-18 with the 3x3 stem: +514 MiB of temp buffers, peak RSS 4.3
-      -> 4.8 GiB, 1.6x PyTorch's).
+      (32x32, 128).
     * 256+ channels, F(4x4): 106 -> 61 (16x16, 256), 108 -> 81 (8x8, 512); at 4x4 maps direct is faster.
     * 32-64 channels on 8x8-16x16 maps: F(2x2) 5.8 -> 4.1-4.6 (16x16, 32 -> 64), 6.0 -> 3.2-3.6 (8x8,
       64 -> 128); F(4x4) 12.0 -> 5.7-7.5 (16x16, 64 -> 64). F(4x4) everywhere was faster pass by pass
@@ -492,8 +499,6 @@ def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[s
         return None
     if pass_ == "kernel_grad":
         return "winograd4" if channels >= _WINOGRAD_KERNEL_GRAD_MIN_CHANNELS or out_hw >= 32 else None
-    if pass_ == "input_grad" and out_hw >= _WINOGRAD_INPUT_GRAD_MAX_HW:
-        return None
     if out_hw >= 32 or channels >= 256:
         return "winograd4"
     if channels <= 64 and out_hw <= 16:
