@@ -379,3 +379,26 @@ def test_winograd_chunks_match_whole_batch(images_per_chunk):
     assert "scan" in jaxpr or "while" in jaxpr  # Really chunked.
     _assert_close(chunked[0], whole[0])  # Compiled separately: rounding may differ slightly.
     _assert_close(chunked[1], whole[1])
+
+
+def test_winograd_loops_keep_no_extra_buffer_per_layer():
+    """Chunked Winograd passes in a deep stack: XLA's temp memory grows by about one activation per layer
+    (the saved input), not two (a constant-filled output buffer per loop, copied early, did that)."""
+    pads = ((1, 1), (1, 1))
+    plan = layers.ConvPlan("winograd4", "winograd4", "winograd4")
+    activation_bytes = 16 * 32 * 32 * 32 * 4
+
+    def temp_bytes(depth):
+        def loss(x, kernels):
+            for kernel in kernels:
+                x = jax.nn.relu(layers._fast_conv(x, kernel, (1, 1), pads, None, plan))
+            return x.sum()
+
+        x = jax.ShapeDtypeStruct((16, 32, 32, 32), jnp.float32)
+        kernels = [jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)] * depth
+        with layers.patch_bytes_limit_set_to(2**20):  # Several chunks per pass.
+            compiled = jax.jit(jax.grad(loss)).lower(x, kernels).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    per_layer = (temp_bytes(8) - temp_bytes(4)) / 4
+    assert per_layer < 1.5 * activation_bytes, per_layer / activation_bytes
