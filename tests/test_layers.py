@@ -73,9 +73,9 @@ CONV_CASES = [
         ((128, 32, 32, 16), (1, 1, 16, 96), (1, 1), ("native", "native", "patches")),  # 1x1: a matmul.
         ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), ("patches", "patches", "patches")),
         # Winograd where it measured faster: the paper CNN's third and fourth layers, ResNet-18's stages.
-        ((128, 16, 16, 32), (3, 3, 32, 64), (1, 1), ("winograd2", "winograd2", "patches")),
-        ((128, 8, 8, 64), (3, 3, 64, 128), (1, 1), ("winograd2", "winograd2", "patches")),
-        ((128, 16, 16, 64), (3, 3, 64, 64), (1, 1), ("winograd4", "winograd4", "patches")),
+        ((128, 16, 16, 32), (3, 3, 32, 64), (1, 1), ("winograd2", "winograd2", "winograd4")),
+        ((128, 8, 8, 64), (3, 3, 64, 128), (1, 1), ("winograd2", "winograd2", "winograd4")),
+        ((128, 16, 16, 64), (3, 3, 64, 64), (1, 1), ("winograd4", "winograd4", "winograd4")),
         ((128, 8, 8, 128), (3, 3, 128, 128), (1, 1), ("native", "native", "winograd4")),
         ((128, 16, 16, 256), (3, 3, 256, 256), (1, 1), ("winograd4", "winograd4", "winograd4")),
         ((128, 8, 8, 512), (3, 3, 512, 512), (1, 1), ("winograd4", "winograd4", "winograd4")),

@@ -49,7 +49,6 @@ _DEPTHWISE_CHUNK = 4
 _TAP_SUM_MAX_TERMS = 27
 # Winograd thresholds (see _winograd_method): min(cin, cout) ranges where it measured faster.
 _WINOGRAD_MIN_CHANNELS = 32
-_WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 128  # On smaller maps than 32x32.
 _WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 _settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "winograd": True}
 
@@ -490,16 +489,16 @@ def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[s
       64 -> 128); F(4x4) 12.0 -> 5.7-7.5 (16x16, 64 -> 64). F(4x4) everywhere was faster pass by pass
       but not in the paper CNN's whole step (0.92-1.0x of this plan, and +130 MiB).
     * 128 channels on 8x8-16x16 maps and 16 channels: direct (no faster in whole steps / slower).
-    Kernel gradient, F(4x4) against `conv_weight_grad`: from 128 channels on 8x8 and larger maps 8.8-13
-    -> 6.5 (8x8, 128), 111 -> 63 (16x16, 256), 107 -> 69 (8x8, 512), 134 -> 85 (32x32, 128); and from
-    32 channels on 32x32 and larger maps, 329 -> 181 (64x64, 64), 55 -> 33 (32x32, 64).
+    Kernel gradient, F(4x4) against `conv_weight_grad`, from 32 channels on 8x8 and larger maps: 4.9 ->
+    3.5 (8x8, 64 -> 128), 11.8 -> 8.7 (16x16, 64), 8.8-13 -> 6.5 (8x8, 128), 111 -> 63 (16x16, 256), 107
+    -> 69 (8x8, 512), 134 -> 85 (32x32, 128), 329 -> 181 (64x64, 64), 55 -> 33 (32x32, 64). In whole
+    steps (alternating runs): ResNet-18 7x7 stem 1.03-1.19x, paper CNN 0.97-1.26x against 128+ channels
+    only, and +100 MiB peak RSS on the paper CNN.
     """
     channels = min(cin, cout)
     if channels < _WINOGRAD_MIN_CHANNELS or out_hw < 8:
         return None
-    if pass_ == "kernel_grad":
-        return "winograd4" if channels >= _WINOGRAD_KERNEL_GRAD_MIN_CHANNELS or out_hw >= 32 else None
-    if out_hw >= 32 or channels >= 256:
+    if pass_ == "kernel_grad" or out_hw >= 32 or channels >= 256:
         return "winograd4"
     if channels <= 64 and out_hw <= 16:
         return "winograd4" if channels == 64 and out_hw == 16 else "winograd2"
