@@ -10,6 +10,7 @@ object per measurement and, last, a summary with the pipeline / train-step ratio
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -90,7 +91,8 @@ def main():
     config.data.tfds_dir = args.tfds_dir
     config.train.batch_size = args.batch_size
     t0 = time.perf_counter()
-    data, _ = train.load_data(config)
+    with contextlib.redirect_stdout(sys.stderr):  # TensorFlow Datasets prints its progress on stdout.
+        data, _ = train.load_data(config)
     data = data["train"]
     print(
         json.dumps({"data_load_s": time.perf_counter() - t0, "train_examples": len(data["label"])}),

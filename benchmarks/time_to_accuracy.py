@@ -17,6 +17,7 @@ import time
 
 LAUNCH = time.time()
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging as std_logging  # noqa: E402
 import os  # noqa: E402
@@ -52,9 +53,10 @@ _PATTERNS = {
 class _Milestones(std_logging.Handler):
     """Records (seconds since launch, kind, match) for train.py's milestone log lines."""
 
-    def __init__(self):
+    def __init__(self, out):
         super().__init__()
         self.events = []
+        self.out = out
 
     def emit(self, record):
         message = record.getMessage()
@@ -65,7 +67,9 @@ class _Milestones(std_logging.Handler):
                 if kind == "eval":
                     step, accuracy = int(match.group(1)), float(match.group(2))
                     print(
-                        json.dumps({"step": step, "accuracy": accuracy, "seconds": record.created - LAUNCH})
+                        json.dumps({"step": step, "accuracy": accuracy, "seconds": record.created - LAUNCH}),
+                        file=self.out,
+                        flush=True,
                     )
 
 
@@ -83,10 +87,12 @@ def main(argv):
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="medjax_tta_")
     if os.path.exists(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"{workdir} already has checkpoints; time-to-accuracy needs a fresh work dir.")
-    milestones = _Milestones()
+    milestones = _Milestones(sys.stdout)
     std_logging.getLogger("absl").addHandler(milestones)
     start = time.time() - LAUNCH
-    reports = train.train_and_evaluate(config, workdir)
+    # stdout carries only JSON lines: TensorFlow Datasets prints its progress there.
+    with contextlib.redirect_stdout(sys.stderr):
+        reports = train.train_and_evaluate(config, workdir)
     total = time.time() - LAUNCH
 
     first = {kind: (t, groups) for t, kind, groups in reversed(milestones.events)}  # Earliest of each.
