@@ -350,13 +350,17 @@ def conv_weight_grad(x, g, kernel_shape, strides, pads, precision=None) -> jnp.n
 
     The patches are built channel-major, [kh * kw * cin, images * oh * ow], so that the product is a
     plain row-major matmul (measured 1.3-2x faster than contracting pixel-major patches, and up to 3x
-    faster than XLA:CPU's own kernel gradient). One chunk's patches hold at most `patch_bytes_limit()`
-    bytes (one image at the least): memory stays bounded and the patches are still in cache when the
-    matmul reads them. Partial sums accumulate in float32.
+    faster than XLA:CPU's own kernel gradient). One chunk's patches and cotangent rows hold at most
+    `patch_bytes_limit()` bytes together (one image at the least): memory stays bounded and both are
+    still in cache when the matmul reads them (counting the cotangent too: a 3x3 1 -> 16 channel layer at
+    64x64, batch 128, 7.0 -> 5.9 ms; paper CNN steps 1.02-1.06x, ResNet-18 7x7 1.01-1.12x in paired
+    rounds). Partial sums accumulate in float32.
     """
     kh, kw, cin, cout = kernel_shape
     n, oh, ow = g.shape[:3]
-    chunk, num_chunks = _batch_chunks(n, oh * ow * kh * kw * cin * x.dtype.itemsize)
+    chunk, num_chunks = _batch_chunks(
+        n, oh * ow * (kh * kw * cin * x.dtype.itemsize + cout * g.dtype.itemsize)
+    )
     xp, g = _pad_batch(_pad_spatial(x, pads, 0), num_chunks * chunk), _pad_batch(g, num_chunks * chunk)
     hp, wp = xp.shape[1:3]
     # [chunks, cin, images, hp, wp]: one transpose of x, then each window slice is channel-major.
