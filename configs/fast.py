@@ -8,11 +8,11 @@ Same model, optimizer, schedule and augmentation as configs/base.py (whose run f
 validation accuracy at its end-of-epoch-1 evaluation), so the stopping point, not the recipe, changes.
 
 Measured (2026-11-30, 2-core CPU, no other job running, empty TFDS dir, huge-page allocator set by
-medjax/runtime.py, Winograd convolutions): 99.945% validation accuracy at step 700, 140.3 s from launch
-(imports 4.7 s, data preparation 28.2 s, first step with compilation 5.4 s); test accuracy 99.927% at the
-stop. Before the Winograd kernel gradient at 32-64 channels (which changed the rounding, and with it the
-trajectory): step 300, 82.1 s. Earlier: 95.8 s (step 500, mallopt allocator); 113.7 s before any
-allocator tuning; on 2026-11-26 at load ~3.3: 238 s.
+medjax/runtime.py, Winograd convolutions): 99.945% validation accuracy at step 300, 78.9 s from launch
+(imports 3.9 s, data preparation 21.5 s, first step with compilation 5.5 s); test accuracy 99.873% at the
+stop. One commit earlier (other rounding in the kernel gradients, so another trajectory): step 700,
+140.3 s; the 99.9% threshold is that sensitive. Earlier: 82.1 s (step 300); 95.8 s (step 500, mallopt
+allocator); 113.7 s before any allocator tuning; on 2026-11-26 at load ~3.3: 238 s.
 """
 
 import ml_collections
