@@ -315,7 +315,8 @@ def main():
                     "implementation": {"medjax": "auto", "medjax_direct": "auto", "medjax_xla": "xla"}.get(
                         variant
                     ),
-                    "winograd": variant != "medjax_direct",
+                    # medjax's Winograd convolutions: only in its default CPU path (null for PyTorch).
+                    "winograd": variant == "medjax" if variant.startswith("medjax") else None,
                     "batch_size": args.batch_size,
                     "steps": args.steps or steps,
                     "warmup": warmup if args.warmup < 0 else args.warmup,

@@ -47,7 +47,7 @@ _DEPTHWISE_CHUNK = 4
 # 7x7x1 stride 2 -> 64 channels (49 terms) 4.8 -> 7.8 ms. 1x1 convolutions stay matmuls (16 -> 96
 # channels at 32x32: 0.63 -> 1.04 ms at batch 32, 3.6 -> 2.1 ms at batch 128).
 _TAP_SUM_MAX_TERMS = 27
-# Winograd thresholds (see _winograd_method): min(cin, cout) ranges where it measured faster.
+# The fewest channels (min(cin, cout)) for a Winograd convolution; see _winograd_method.
 _WINOGRAD_MIN_CHANNELS = 32
 _WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
 _settings = {"implementation": "auto", "patch_bytes_limit": 8 * 2**20, "winograd": True}
