@@ -278,6 +278,26 @@ def test_pooling_matches_flax(kind, shape, window, strides, padding):
     _assert_close(d_x, ref_d_x)
 
 
+@pytest.mark.parametrize("shape,window,strides,padding", POOL_CASES[:4])
+@pytest.mark.parametrize("name", ["fast", "xla"])
+def test_signed_max_pool_takes_window_minimum_where_sign_is_negative(name, shape, window, strides, padding):
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2.0) / 2.0  # Ties, as above.
+    sign = jnp.asarray([1.0, -1.0, -1.0][: shape[-1]])
+    maximum = nn.max_pool(x, window, strides, padding)
+    minimum = -nn.max_pool(-x, window, strides, padding)
+    with layers.implementation(name):
+        (out, (d_x,)), (ref_out, (ref_d_x,)) = _vjps(
+            [
+                lambda x: layers.max_pool(x, window, strides, padding, sign=sign),
+                lambda x: nn.max_pool(x * sign, window, strides, padding) * sign,
+            ],
+            x,
+        )
+    np.testing.assert_array_equal(out, jnp.where(sign > 0, maximum, minimum))
+    _assert_close(d_x, ref_d_x)
+    assert float(jnp.abs(d_x[..., 1:]).sum()) > 0  # The min-pooled channels get their gradient too.
+
+
 def test_max_pool_gradient_goes_to_first_maximum_only():
     x = jnp.zeros((1, 4, 4, 1))  # Every window is one big tie.
     with layers.implementation("fast"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from medjax.models import blocks
+from medjax.models import layers
 from medjax.models import normalization
 
 KEY = jax.random.key(0)
@@ -218,3 +219,55 @@ def test_compiled_gradient_needs_less_temporary_memory_than_flax():
     ours, theirs = temp_bytes(True), temp_bytes(False)
     assert ours < (2 * LAYERS + 2.5) * ACTIVATION_BYTES, ours / ACTIVATION_BYTES
     assert theirs - ours > 0.5 * LAYERS * ACTIVATION_BYTES, (ours, theirs)
+
+
+POOLS = [
+    layers.MaxPool((2, 2), (2, 2)),  # The paper CNN's and VGG's.
+    layers.MaxPool((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's and DenseNet's stems (overlapping).
+]
+
+
+@pytest.mark.parametrize("implementation", ["fast", "xla"])
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize(
+    "train,activation,options",
+    [
+        (True, nn.relu, {}),
+        (False, nn.relu, {}),
+        (True, None, {}),
+        (True, nn.relu, {"rematerialize": False}),
+        (True, nn.relu, {"use_scale": False}),
+    ],
+)
+def test_fused_max_pool_matches_pooling_the_output(implementation, pool, train, activation, options):
+    """BatchNorm(max_pool=p) pools before normalising; it equals p applied to its unpooled output: the
+    same output bits and running statistics, gradients to rounding. Channels with a negative scale pool
+    the window minimum. (A zero scale ties every window after normalising: the output is the same, the
+    scale's gradient is another valid subgradient, from the window maximum instead of its first element.)"""
+    x = jnp.round(jax.random.normal(KEY, (4, 8, 8, 4)) * 4) / 4 + 0.5  # Ties within windows.
+    cotangent = jax.random.normal(jax.random.key(1), (4, 4, 4, 4))
+    common = dict(use_running_average=not train, momentum=0.9, activation=activation, **options)
+    unpooled = normalization.BatchNorm(**common)
+    fused = normalization.BatchNorm(**common, max_pool=pool)
+    variables = _random_like(unpooled.init(KEY, x), seed=6)
+    if "scale" in variables["params"]:
+        variables["params"]["scale"] = jnp.asarray([0.7, -1.3, 0.2, -0.4])
+    with layers.implementation(implementation):
+        expected = _outputs_and_grads(unpooled, pool, variables, x, cotangent)
+        actual = _outputs_and_grads(fused, None, variables, x, cotangent)
+    assert actual[0].shape == (4, 4, 4, 4)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1]["batch_stats"]["mean"], expected[1]["batch_stats"]["mean"])
+    np.testing.assert_array_equal(actual[1]["batch_stats"]["var"], expected[1]["batch_stats"]["var"])
+    _assert_trees_close(actual[2], expected[2], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_max_pool_rejects_activations_it_does_not_commute_with():
+    x = jnp.ones((2, 4, 4, 3))
+    pool = layers.MaxPool((2, 2), (2, 2))
+    with pytest.raises(ValueError, match="bn.*activation None or nn.relu.*gelu"):
+        normalization.BatchNorm(use_running_average=False, activation=nn.gelu, max_pool=pool, name="bn").init(
+            KEY, x
+        )
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\].*axis=1"):
+        normalization.BatchNorm(use_running_average=False, axis=1, max_pool=pool).init(KEY, x)

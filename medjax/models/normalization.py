@@ -28,6 +28,13 @@ there. `rematerialize=False` gives plain autodiff (and allows forward-mode `jax.
 not support through a custom VJP); ResNet's 7x7/2 stem uses it, see `resnet.py`: XLA's fusion choices
 around the max-pool gradient that follows it made the replay there slower and bigger.
 
+`max_pool=layers.MaxPool(...)` also max-pools the output, pooling first (see `_pool_first`): the
+normalise, the activation and their gradients then run on the pooled quarter of the tensor. The paper
+CNN's batch norm + ReLU + 2x2 pool (batch 128, forward and backward, ms): 23.4 -> 12.6 at 64x64x16, 8.9 ->
+4.9 at 32x32x32, 3.1 -> 1.7 at 16x16x64; its train step 1.13-1.33x faster. With overlapping windows
+(ResNet's 3x3/2 stem pool) XLA:CPU fused the pool gradient's window comparisons into each of its nine
+summed pieces and the block took 89 instead of 39 ms, so ResNet keeps that pool separate.
+
 Variables are those of `nn.BatchNorm` (params `scale`/`bias`, batch_stats `mean`/`var`, same shapes,
 dtypes and initializers) and the class is also named `BatchNorm`, so auto-named modules keep their names
 (`BatchNorm_0`) and checkpoints and converted weights load into either.
@@ -42,6 +49,11 @@ import jax.numpy as jnp
 from flax.linen import dtypes
 from flax.linen import normalization as flax_normalization
 from jax import lax
+
+from medjax.models import layers
+
+# Monotone non-decreasing in float arithmetic, so max-pooling commutes with them.
+_POOL_COMMUTING_ACTIVATIONS = (None, nn.relu)
 
 
 def _normalize(
@@ -69,11 +81,32 @@ def _normalize(
     return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=dtype))
 
 
-def _forward(x, scale, bias, mean, var, *, statistics: Optional[dict], activation, normalize, zero=None):
-    """Normalised (and activated) `x` and the statistics used: the batch's when `statistics` says how to
-    compute them, else `mean` and `var`. A `zero` is added to the statistics that normalise `x`."""
+def _pool_first(x, scale, max_pool: Callable):
+    """The values of `x` that `max_pool` would select after normalising: per channel, the window maximum
+    where the normalising multiplier `scale * rsqrt(var + eps)` is positive, the minimum where negative.
+
+    Subtracting the mean, multiplying by the multiplier, adding the bias and a ReLU are each monotone in
+    float arithmetic too (rounding is monotone), so max_pool(relu(normalize(x))) equals
+    relu(normalize(this)) exactly, and the full-size normalise and activation (and their gradients)
+    shrink to the pooled size. Gradients are the unfused ones except where a window ties after
+    normalising but not before (a zero scale, or rounding): then the window maximum of `x` gets the
+    cotangent, not the window's first element; both are valid subgradients.
+    """
+    if scale is None:
+        return max_pool(x)
+    sign = jnp.where(scale < 0, -1, 1).astype(x.dtype)  # rsqrt(var + eps) > 0: the multiplier's sign.
+    return max_pool(x, sign=sign)
+
+
+def _forward(
+    x, scale, bias, mean, var, *, statistics: Optional[dict], activation, normalize, max_pool=None, zero=None
+):
+    """Normalised (activated, max-pooled) `x` and the statistics used: the batch's when `statistics` says
+    how to compute them, else `mean` and `var`. A `zero` is added to the statistics that normalise `x`."""
     if statistics is not None:
         mean, var = flax_normalization._compute_stats(x, **statistics)
+    if max_pool is not None:
+        x = _pool_first(x, scale, max_pool)
     if zero is None:
         y = normalize(x, mean, var, scale, bias)
     else:
@@ -112,7 +145,8 @@ def _replayed(forward: Callable) -> Callable:
 
 class BatchNorm(nn.Module):
     """`nn.BatchNorm` (same fields, variables and numerics; no `mask`) with an optional fused
-    `activation`, by default replayed in the backward pass instead of saving its intermediates."""
+    `activation` and `max_pool`, by default replayed in the backward pass instead of saving its
+    intermediates."""
 
     use_running_average: Optional[bool] = None
     axis: int = -1
@@ -130,6 +164,9 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     activation: Optional[Callable] = None  # Applied to the output, inside the replayed function.
     rematerialize: bool = True  # Replay in the backward pass (see the module docstring); else autodiff.
+    # Max-pool the (activated) output, pooling before normalising (exact; see `_pool_first` and the
+    # module docstring: faster for non-overlapping windows, slower for overlapping ones on XLA:CPU).
+    max_pool: Optional[layers.MaxPool] = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, use_running_average: Optional[bool] = None) -> jnp.ndarray:
@@ -137,6 +174,8 @@ class BatchNorm(nn.Module):
             "use_running_average", self.use_running_average, use_running_average
         )
         feature_axes = flax_normalization._canonicalize_axes(x.ndim, self.axis)
+        if self.max_pool is not None:
+            self._check_pool_fusable(x.ndim, feature_axes)
         reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
         reduced_feature_shape = [x.shape[ax] for ax in feature_axes]
         feature_shape = [x.shape[ax] if ax in feature_axes else 1 for ax in range(x.ndim)]
@@ -178,7 +217,11 @@ class BatchNorm(nn.Module):
                 force_float32_reductions=self.force_float32_reductions,
             )
         forward = functools.partial(
-            _forward, statistics=statistics, activation=self.activation, normalize=normalize
+            _forward,
+            statistics=statistics,
+            activation=self.activation,
+            normalize=normalize,
+            max_pool=self.max_pool,
         )
         if self.rematerialize:
             forward = _replayed(forward)  # Saves x, scale, bias (and running statistics) only.
@@ -188,3 +231,15 @@ class BatchNorm(nn.Module):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+
+    def _check_pool_fusable(self, ndim: int, feature_axes) -> None:
+        if self.activation not in _POOL_COMMUTING_ACTIVATIONS:
+            raise ValueError(
+                f"BatchNorm {self.name!r}: max_pool={self.max_pool} needs activation None or nn.relu "
+                f"(pooling first is exact only for them), got activation={self.activation!r}"
+            )
+        if ndim != 4 or feature_axes != (3,):
+            raise ValueError(
+                f"BatchNorm {self.name!r}: max_pool={self.max_pool} needs [N, H, W, C] input normalised "
+                f"over its last axis, got a {ndim}-d input with axis={self.axis}"
+            )

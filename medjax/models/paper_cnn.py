@@ -31,9 +31,9 @@ class PaperCNN(nn.Module):
                 epsilon=self.bn_epsilon,
                 dtype=self.dtype,
                 activation=nn.relu,
+                max_pool=layers.MaxPool((2, 2), (2, 2)),
                 name=f"bn{i}",
             )(x)
-            x = layers.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.dense_features, dtype=self.dtype, name="fc")(x)
