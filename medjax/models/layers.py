@@ -344,7 +344,8 @@ def winograd_conv(x, kernel, pads, m: int, precision=None) -> jnp.ndarray:
     ys = jnp.full((num_chunks, chunk, oh, ow, kernel.shape[3]), zero, out_dtype)
 
     def fill_chunk(i, ys):
-        return ys.at[i].set(winograd.conv(xs[i], kernel, pads, m, precision, u))
+        # A dynamic-update-slice, not `ys.at[i].set` (a scatter): 16x16 maps, 32 -> 64: 6.5 -> 3.9 ms.
+        return lax.dynamic_update_index_in_dim(ys, winograd.conv(xs[i], kernel, pads, m, precision, u), i, 0)
 
     ys = lax.fori_loop(0, num_chunks, fill_chunk, ys)
     return ys.reshape(num_chunks * chunk, *ys.shape[2:])[:n]
