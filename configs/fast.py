@@ -7,12 +7,12 @@ Run (benchmarks/time_to_accuracy.py times it, compile and data preparation repor
 Same model, optimizer, schedule and augmentation as configs/base.py (whose run first reached 99.891%
 validation accuracy at its end-of-epoch-1 evaluation), so the stopping point, not the recipe, changes.
 
-Measured (2026-11-30, 2-core CPU, no other job running, empty TFDS dir, huge-page allocator set by
-medjax/runtime.py, Winograd convolutions): 99.945% validation accuracy at step 300, 78.9 s from launch
-(imports 3.9 s, data preparation 21.5 s, first step with compilation 5.5 s); test accuracy 99.873% at the
-stop. One commit earlier (other rounding in the kernel gradients, so another trajectory): step 700,
-140.3 s; the 99.9% threshold is that sensitive. Earlier: 82.1 s (step 300); 95.8 s (step 500, mallopt
-allocator); 113.7 s before any allocator tuning; on 2026-11-26 at load ~3.3: 238 s.
+Measured (2026-12-01, 2-core CPU, no other job running, empty TFDS dir, huge-page allocator set by
+medjax/runtime.py): 99.927% validation accuracy at step 400 in each of seven runs, 72.8-84.5 s from launch
+(imports 3.1-5.1 s, data preparation 17.4-23.4 s, first step with compilation 5.0-6.0 s); test accuracy
+99.873% at the stop. Earlier: 78.9 s (step 300) and 140.3 s (step 700) on 2026-11-30 (other rounding in
+the kernel gradients, so other trajectories: the 99.9% threshold is that sensitive); 95.8 s (step 500,
+mallopt allocator); 113.7 s before any allocator tuning; on 2026-11-26 at load ~3.3: 238 s.
 """
 
 import ml_collections
