@@ -16,6 +16,11 @@ def _arrays(n=50):
     return images, labels
 
 
+def _train_dataset(images, labels, **overrides):
+    kwargs = dict(seed=0, global_batch_size=8, start_step=0, num_steps=1, aug=base.get_config().augment)
+    return input_pipeline.train_dataset(images, labels, **(kwargs | overrides))
+
+
 def _batches(start_step, num_steps, process_index=0, process_count=1, augment=True, seed=3):
     images, labels = _arrays()
     aug = base.get_config().augment
@@ -44,16 +49,7 @@ def test_train_pipeline_stops_promptly_mid_stream():
     """Leaving the training loop early (a stop at the target accuracy) destroys the iterator with work in
     flight. tf.data's autotuning thread made that wait 16-32 s (in 3 of 7 time-to-accuracy runs, not
     reproducibly), so the pipeline runs without it; the teardown here is bounded too."""
-    images, labels = _arrays(2000)
-    ds = input_pipeline.train_dataset(
-        images,
-        labels,
-        seed=0,
-        global_batch_size=8,
-        start_step=0,
-        num_steps=10_000,
-        aug=base.get_config().augment,
-    )
+    ds = _train_dataset(*_arrays(2000), num_steps=10_000)
     assert ds.options().autotune.enabled is False
     iterator = ds.as_numpy_iterator()
     for _ in range(20):
@@ -141,14 +137,5 @@ def test_eval_covers_every_example_exactly_once(num_examples, process_count):
 def test_bad_batch_sizes_are_errors():
     with pytest.raises(ValueError, match="config.eval.batch_size=7"):
         list(input_pipeline.eval_batches(*_arrays(), global_batch_size=7, process_count=2))
-    images, labels = _arrays(5)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        input_pipeline.train_dataset(
-            images,
-            labels,
-            seed=0,
-            global_batch_size=8,
-            start_step=0,
-            num_steps=1,
-            aug=base.get_config().augment,
-        )
+        _train_dataset(*_arrays(5))
