@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from medjax import runtime  # noqa: E402
 
 if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_allocator()  # As medjax.main does: tf.data runs under the same allocator settings.
+    runtime.tune_process()  # As medjax.main does: tf.data runs under the same settings.
 
 
 def _pipeline_rate(data, config, augment: bool, num_batches: int, start_step: int) -> float:
@@ -82,7 +82,12 @@ def main():
 
     print(
         json.dumps(
-            {"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count(), "allocator": runtime.status}
+            {
+                "loadavg_start": os.getloadavg(),
+                "cpu_count": os.cpu_count(),
+                "allocator": runtime.status,
+                "xla_tuning": runtime.xla_status,
+            }
         ),
         flush=True,
     )

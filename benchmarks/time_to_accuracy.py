@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from medjax import runtime  # noqa: E402
 
 if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_allocator()  # As medjax.main does, before JAX and TensorFlow start.
+    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir (default: a fresh temporary one).")
 _TARGET = flags.DEFINE_float("target", None, "Overrides config.train.stop_at_eval_accuracy.")
@@ -120,6 +120,7 @@ def main(argv):
         "workdir": workdir,
         "loadavg": os.getloadavg(),
         "allocator": runtime.status,
+        "xla_tuning": runtime.xla_status,
     }
     print(json.dumps(summary), flush=True)
 

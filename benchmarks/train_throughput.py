@@ -7,9 +7,9 @@ and compile time; `ratio_vs_torch` divides those medians, `ratio_vs_torch_paired
 same-round ratios (the fairer one when the machine's load drifts between rounds).
 
 Variants: `medjax`, `medjax_direct` (the CPU path without Winograd convolutions) and `medjax_xla`
-(flax's native ops) run with glibc's allocator tuned as medjax.main
-does (medjax/runtime.py); `torch` is PyTorch as shipped; `torch_tuned` is PyTorch with the same allocator
-settings, which speed it up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
+(flax's native ops) run with glibc's allocator and XLA:CPU tuned as medjax.main does (medjax/runtime.py);
+`torch` is PyTorch as shipped; `torch_tuned` is PyTorch with the same allocator settings, which speed it
+up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
 
   python benchmarks/train_throughput.py                                    # all models, 3 rounds
   python benchmarks/train_throughput.py --models=issue_cnn --rounds=5 --steps=10
@@ -179,8 +179,12 @@ def run_torch(spec: dict) -> dict:
 def worker(spec: dict) -> dict:
     from medjax import runtime
 
-    # medjax.main tunes glibc's allocator before JAX starts; `torch_tuned` gets the same settings.
-    allocator = runtime.tune_allocator() if spec["variant"] != "torch" else "unchanged (PyTorch as shipped)"
+    # medjax.main tunes glibc's allocator and XLA before JAX starts; `torch_tuned` gets the same settings.
+    if spec["variant"] == "torch":
+        allocator, xla_tuning = "unchanged (PyTorch as shipped)", "not applicable"
+    else:
+        runtime.tune_process()
+        allocator, xla_tuning = runtime.status, runtime.xla_status
     rss_start = _peak_rss_mb()
     result = run_torch(spec) if spec["variant"].startswith("torch") else run_medjax(spec)
     step_s = statistics.median(result.pop("step_times"))
@@ -192,6 +196,7 @@ def worker(spec: dict) -> dict:
         peak_rss_mb=_peak_rss_mb(),
         rss_at_start_mb=rss_start,
         allocator=allocator,
+        xla_tuning=xla_tuning,
     )
 
 

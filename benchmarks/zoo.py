@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from medjax import runtime  # noqa: E402
 
 if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_allocator()  # As medjax.main does, before JAX and TensorFlow start.
+    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

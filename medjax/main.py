@@ -3,7 +3,7 @@
 from medjax import runtime
 
 if __name__ == "__main__":  # Not on import: it may re-execute the process (see runtime.py).
-    runtime.tune_allocator()  # Before JAX and TensorFlow start their threads.
+    runtime.tune_process()  # Before JAX and TensorFlow start their threads.
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -32,7 +32,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    logging.info("Allocator: %s", runtime.status)
+    logging.info("Allocator: %s; XLA: %s", runtime.status, runtime.xla_status)
     logging.info(
         "JAX process %d of %d; local devices %s; global device count %d.",
         jax.process_index(),

@@ -2,6 +2,7 @@
 re-exec; or, with mallopt, freed big blocks kept)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -131,3 +132,66 @@ def test_failed_reexec_falls_back_to_mallopt_and_restores_the_environment(monkey
     monkeypatch.setattr(runtime.os, "execv", refuse)
     assert runtime.tune_allocator() == "glibc mallopt (stub) (re-exec for huge pages failed)"
     assert "GLIBC_TUNABLES" not in runtime.os.environ and runtime._REEXEC_MARK not in runtime.os.environ
+
+
+def test_tune_xla_adds_its_flag_once_and_respects_the_user():
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    status = runtime.tune_xla(environ)
+    assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {runtime.XLA_CPU_FLAGS}"
+    assert status == f"XLA_FLAGS={environ['XLA_FLAGS']}" == runtime.xla_status
+    assert runtime.tune_xla(environ).startswith("unchanged (XLA_FLAGS sets")  # The flag is there now.
+    assert environ["XLA_FLAGS"].count(runtime.YNN_FUSION_FLAG) == 1
+    own = {"XLA_FLAGS": f"--{runtime.YNN_FUSION_FLAG}=+individual_convolution"}
+    assert runtime.tune_xla(dict(own)).startswith("unchanged") and own["XLA_FLAGS"].endswith(
+        "+individual_convolution"
+    )
+    switched_off = {runtime.XLA_SWITCH: "0"}
+    assert runtime.tune_xla(switched_off) == f"unchanged ({runtime.XLA_SWITCH}=0)"
+    assert "XLA_FLAGS" not in switched_off
+
+
+def test_tune_xla_is_too_late_once_jax_has_started(monkeypatch):
+    import jax
+
+    jax.devices()  # Starts the backend, if no earlier test did.
+    monkeypatch.delenv(runtime.XLA_SWITCH, raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert runtime.tune_xla() == "unchanged (JAX's backend had already started)"
+    assert "XLA_FLAGS" not in runtime.os.environ
+
+
+def test_tuned_xla_compiles_convolutions_natively_and_dots_with_its_library():
+    """The flag does what tune_xla's docstring says in this jaxlib: the convolution is XLA's own op, the
+    matmul still a YNNPACK fusion (if a jaxlib renames or drops the flag, this fails)."""
+    code = textwrap.dedent("""
+        import json
+        from medjax import runtime
+        status = runtime.tune_xla()
+        import jax, jax.numpy as jnp
+        from jax import lax
+
+        def f(x, k, a):
+            y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y, a @ a
+
+        args = (jnp.ones((8, 16, 16, 16)), jnp.ones((3, 3, 16, 32)), jnp.ones((64, 64)))
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+        lines = [line for line in hlo.splitlines() if "op_name=" in line]
+        print(json.dumps({
+            "status": status,
+            "conv": [line.split("=")[1].split("(")[0].split()[-1] for line in lines if "conv_general" in line],
+            "dot_in_ynn": any("ynn_fusion" in line and "dot_general" in line for line in lines),
+        }))
+        """)
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.XLA_SWITCH)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(environ, JAX_PLATFORMS="cpu"),
+    ).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["status"].startswith("XLA_FLAGS="), result
+    assert result["conv"] == ["convolution"], result
+    assert result["dot_in_ynn"], result
