@@ -22,7 +22,9 @@ CPU ("fast") path therefore uses:
 
 The path is chosen when a function is traced: 'fast' on CPU (`jax.default_backend()`), 'xla'
 elsewhere, unless `implementation('xla' | 'fast' | 'auto')` (a context manager) or `set_implementation`
-says otherwise. A jitted function keeps the path it was traced with. `Conv` has exactly nn.Conv's
+says otherwise. A jitted function keeps the path it was traced with. "XLA's convolution" on CPU means
+XLA's own kernels in processes that ran `runtime.tune_xla()` (medjax's entry points do; 2-core timings
+from 2026-12-01 on), YNNPACK's otherwise (all earlier timings below; slower for small convolutions). `Conv` has exactly nn.Conv's
 parameters, initializers and auto-generated names, so checkpoints move freely between the paths.
 """
 
@@ -513,9 +515,13 @@ def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[s
     * 64x64 and 32x32 maps, F(4x4): 180 -> 116 (64x64, 64 channels), 52 -> 20 (32x32, 64), 104 -> 91-99
       (32x32, 128).
     * 256+ channels, F(4x4): 106 -> 61 (16x16, 256), 108 -> 81 (8x8, 512); at 4x4 maps direct is faster.
-    * 32-64 channels on 8x8-16x16 maps: F(2x2) 5.8 -> 4.1-4.6 (16x16, 32 -> 64), 6.0 -> 3.2-3.6 (8x8,
-      64 -> 128); F(4x4) 12.0 -> 5.7-7.5 (16x16, 64 -> 64). F(4x4) everywhere was faster pass by pass
-      but not in the paper CNN's whole step (0.92-1.0x of this plan, and +130 MiB).
+    * 32-64 channels on 8x8-16x16 maps, input gradient: F(2x2) 5.8 -> 4.1-4.6 (16x16, 32 -> 64), 6.0 ->
+      3.2-3.6 (8x8, 64 -> 128); F(4x4) 12.0 -> 5.7-7.5 (16x16, 64 -> 64). F(4x4) everywhere was faster
+      pass by pass but not in the paper CNN's whole step (0.92-1.0x of this plan, and +130 MiB). Their
+      forward passes are direct: with XLA's own convolution (`runtime.tune_xla`, 2 threads instead of
+      YNNPACK's one) direct measured 3.3-3.7 vs F(2x2) 3.7-6.0 ms (16x16, 32 -> 64) and 3.1-3.2 vs
+      2.7-4.7 (8x8, 64 -> 128); paper CNN steps 1,758-1,988 vs 1,673-1,874 img/s (alternating runs),
+      ResNet-18 7x7 unchanged (353-368 vs 291-368).
     * 128 channels on 8x8-16x16 maps and 16 channels: direct (no faster in whole steps / slower).
     Kernel gradient, F(4x4) against `conv_weight_grad`, from 32 channels on 8x8 and larger maps: 4.9 ->
     3.5 (8x8, 64 -> 128), 11.8 -> 8.7 (16x16, 64), 8.8-13 -> 6.5 (8x8, 128), 111 -> 63 (16x16, 256), 107
@@ -528,6 +534,8 @@ def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[s
         return None
     if pass_ == "kernel_grad" or out_hw >= 32 or channels >= 256:
         return "winograd4"
+    if pass_ == "forward":
+        return None
     if channels <= 64 and out_hw <= 16:
         return "winograd4" if channels == 64 and out_hw == 16 else "winograd2"
     return None
