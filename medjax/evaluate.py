@@ -6,24 +6,29 @@ Everything needed (config, class names, preprocessing) is read from the checkpoi
 report is written to --output (if given) and to `W/eval/<split or folder name>_step<N>.json`.
 """
 
-import json
-import os
+from medjax import runtime
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-import ml_collections
-import tensorflow as tf
+if __name__ == "__main__":  # Not on import: it may re-execute the process (see runtime.py).
+    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
 
-from medjax import checkpointing
-from medjax import datasets
-from medjax import evaluation
-from medjax import files
-from medjax import models
-from medjax import sharding
-from medjax import steps
-from medjax import transfer
+import json  # noqa: E402
+import os  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from medjax import checkpointing  # noqa: E402
+from medjax import datasets  # noqa: E402
+from medjax import evaluation  # noqa: E402
+from medjax import files  # noqa: E402
+from medjax import models  # noqa: E402
+from medjax import sharding  # noqa: E402
+from medjax import steps  # noqa: E402
+from medjax import transfer  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
@@ -94,6 +99,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     tf.config.set_visible_devices([], "GPU")
+    logging.info("Allocator: %s; XLA: %s", runtime.status, runtime.xla_status)
     report = evaluate_checkpoint(
         _WORKDIR.value,
         step=_STEP.value,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from medjax import evaluate, train
+from medjax import evaluate, runtime, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")  # Holds medical_mnist/<Class>/*.jpeg.
@@ -94,7 +94,8 @@ def test_evaluate_folder_cli_writes_the_same_fields(trained, tmp_path):
     for cls in ("CXR", "Hand"):
         shutil.copytree(os.path.join(FIXTURE_ROOT, "medical_mnist", cls), folder / cls)
     output = tmp_path / "report.json"
-    subprocess.run(
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.XLA_SWITCH)}
+    run = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -105,8 +106,12 @@ def test_evaluate_folder_cli_writes_the_same_fields(trained, tmp_path):
         ],
         check=True,
         cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO),
+        env=dict(environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
     )
+    # The job tunes its process as medjax.main does (XLA's own convolutions on CPU).
+    assert f"XLA: XLA_FLAGS={runtime.XLA_CPU_FLAGS}" in run.stderr, run.stderr[-2000:]
     report = json.load(open(output))
     assert REPORT_KEYS <= set(report)
     expected = sum(len(os.listdir(folder / c)) for c in ("CXR", "Hand"))
