@@ -92,8 +92,8 @@ def tune_xla(environ=None) -> str:
     jaxlib 0.10 hands each convolution to YNNPACK, which ran the small ones on one of this project's two
     cores (the same time under `taskset -c 0`), while XLA's own convolution uses both: 128x32x32, 16 -> 32
     channels, 3x3: forward 6.5 -> 4.3 ms, input gradient 7.5 -> 5.8 ms; 16x16, 32 -> 64: 5.3 -> 3.4 ms;
-    3x3/2, 64 -> 128 at 16x16: 6.2 -> 3.0 ms. (ResNet's 7x7/2 grayscale stem is the exception: 6.2 ->
-    11.1 ms, a small part of its step.) The flag only concerns the CPU backend. Nothing is changed if
+    3x3/2, 64 -> 128 at 16x16: 6.2 -> 3.0 ms. (ResNet's 7x7/2 grayscale stem is the exception: 5.4-6.2 ->
+    10.1-11.1 ms, ~1% of its step.) The flag only concerns the CPU backend. Nothing is changed if
     MEDJAX_TUNE_XLA=0, if XLA_FLAGS already sets the YNN fusion types, or if JAX's backend has started
     (then it is too late for this process).
     """
