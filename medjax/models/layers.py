@@ -22,10 +22,12 @@ CPU ("fast") path therefore uses:
 
 The path is chosen when a function is traced: 'fast' on CPU (`jax.default_backend()`), 'xla'
 elsewhere, unless `implementation('xla' | 'fast' | 'auto')` (a context manager) or `set_implementation`
-says otherwise. A jitted function keeps the path it was traced with. "XLA's convolution" on CPU means
-XLA's own kernels in processes that ran `runtime.tune_xla()` (medjax's entry points do; 2-core timings
-from 2026-12-01 on), YNNPACK's otherwise (all earlier timings below; slower for small convolutions). `Conv` has exactly nn.Conv's
+says otherwise. A jitted function keeps the path it was traced with. `Conv` has exactly nn.Conv's
 parameters, initializers and auto-generated names, so checkpoints move freely between the paths.
+
+"XLA's convolution" on CPU means XLA's own kernels in processes that ran `runtime.tune_xla()` (medjax's
+entry points do; 2-core timings from 2026-12-01 on), YNNPACK's otherwise (all earlier timings below;
+slower for small convolutions).
 """
 
 import contextlib
