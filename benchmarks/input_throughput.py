@@ -87,6 +87,7 @@ def main():
                 "cpu_count": os.cpu_count(),
                 "allocator": runtime.status,
                 "xla_tuning": runtime.xla_status,
+                "dispatch": runtime.dispatch_status,
             }
         ),
         flush=True,

@@ -121,6 +121,7 @@ def main(argv):
         "loadavg": os.getloadavg(),
         "allocator": runtime.status,
         "xla_tuning": runtime.xla_status,
+        "dispatch": runtime.dispatch_status,
     }
     print(json.dumps(summary), flush=True)
 

@@ -179,12 +179,15 @@ def run_torch(spec: dict) -> dict:
 def worker(spec: dict) -> dict:
     from medjax import runtime
 
-    # medjax.main tunes glibc's allocator and XLA before JAX starts; `torch_tuned` gets the same settings.
+    # medjax.main tunes glibc's allocator, XLA and JAX's dispatch before JAX starts; `torch_tuned` gets the
+    # same allocator settings.
     if spec["variant"] == "torch":
-        allocator, xla_tuning = "unchanged (PyTorch as shipped)", "not applicable"
+        allocator, xla_tuning, dispatch = "unchanged (PyTorch as shipped)", "not applicable", "not applicable"
+    elif spec["variant"] == "torch_tuned":
+        allocator, xla_tuning, dispatch = runtime.tune_allocator(), "not applicable", "not applicable"
     else:
         runtime.tune_process()
-        allocator, xla_tuning = runtime.status, runtime.xla_status
+        allocator, xla_tuning, dispatch = runtime.status, runtime.xla_status, runtime.dispatch_status
     rss_start = _peak_rss_mb()
     result = run_torch(spec) if spec["variant"].startswith("torch") else run_medjax(spec)
     step_s = statistics.median(result.pop("step_times"))
@@ -197,6 +200,7 @@ def worker(spec: dict) -> dict:
         rss_at_start_mb=rss_start,
         allocator=allocator,
         xla_tuning=xla_tuning,
+        dispatch=dispatch,
     )
 
 

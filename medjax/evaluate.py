@@ -99,7 +99,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     tf.config.set_visible_devices([], "GPU")
-    logging.info("Allocator: %s; XLA: %s", runtime.status, runtime.xla_status)
+    logging.info(
+        "Allocator: %s; XLA: %s; dispatch: %s", runtime.status, runtime.xla_status, runtime.dispatch_status
+    )
     report = evaluate_checkpoint(
         _WORKDIR.value,
         step=_STEP.value,

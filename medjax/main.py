@@ -32,7 +32,9 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    logging.info("Allocator: %s; XLA: %s", runtime.status, runtime.xla_status)
+    logging.info(
+        "Allocator: %s; XLA: %s; dispatch: %s", runtime.status, runtime.xla_status, runtime.dispatch_status
+    )
     logging.info(
         "JAX process %d of %d; local devices %s; global device count %d.",
         jax.process_index(),

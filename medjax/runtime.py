@@ -1,26 +1,36 @@
 """Process settings that must be made before JAX and TensorFlow start: glibc's allocator on Linux
-(`tune_allocator`) and XLA:CPU's convolution library (`tune_xla`); `tune_process` does both.
+(`tune_allocator`), XLA:CPU's convolution library (`tune_xla`) and where JAX runs CPU computations
+(`tune_dispatch`); `tune_process` does all three.
 
 XLA:CPU allocates every step's activations and temporaries afresh. glibc serves big blocks with new
-mmap'd pages and unmaps them when freed, so each step page-faults all of its big buffers in again, 4 KiB
+mmap'd pages and unmaps them when freed, so each step page-faulted all of its big buffers in again, 4 KiB
 at a time: on this project's 2-core CPU an elementwise op on a 33.5 MB array took 10.1 ms instead of
 1.5 ms, and the paper CNN's train step ran 911-936 instead of 1,149-1,174 images/s. `tune_allocator()`
 removes that cost, the first way that applies:
 
-1. Transparent huge pages for malloc's blocks (glibc >= 2.35 and the kernel's THP mode `madvise`): glibc's
-   `glibc.malloc.hugetlb=1` tunable makes big blocks fault in 2 MiB at a time, and freed memory still
-   goes back to the OS. The tunable is only read when a process starts, so `tune_allocator()` puts it in
-   GLIBC_TUNABLES and re-executes the process once, with the same command line, before anything else
-   has run (entry points call it first thing). Measured against way 2 (same machine, alternating runs):
-   paper CNN 1,345-1,408 vs 1,309-1,363 images/s at a peak RSS of 641-729 vs 776-1,036 MiB; ResNet-18
-   (7x7 stem) 326-332 vs 317-320 images/s at 1,401-1,478 vs 1,758-2,134 MiB.
+1. Glibc tunables (glibc >= 2.35 and the kernel's transparent-huge-page mode `madvise`): `hugetlb=1`
+   makes big blocks fault in 2 MiB at a time, and `mmap_threshold` and `trim_threshold` of 1 GiB make
+   the main arena serve blocks below 1 GiB from its heap and keep up to 1 GiB of freed memory there
+   for the next step (`release_free_memory()` returns it on demand). The tunables are only read when a
+   process starts, so `tune_allocator()` puts them in GLIBC_TUNABLES and re-executes the process once,
+   with the same command line, before anything else has run (entry points call it first thing).
+   Huge pages alone, against way 2 (same machine, alternating runs): paper CNN 1,345-1,408 vs
+   1,309-1,363 images/s at a peak RSS of 641-729 vs 776-1,036 MiB; ResNet-18 (7x7 stem) 326-332 vs
+   317-320 images/s at 1,401-1,478 vs 1,758-2,134 MiB.
 2. Else (THP off, older glibc, or `reexec=False`), mallopt: keep freed memory and serve big blocks from
-   one reusable heap. As fast, but memory freed by one step is kept for the next, and the heap's
-   fragmentation makes the peak resident set vary from run to run.
+   one reusable heap shared by all threads. As fast, but memory freed by one step is kept for the next,
+   and the heap's fragmentation makes the peak resident set vary from run to run.
 
 Where the kernel's THP mode is `always`, big blocks get huge pages anyway and nothing is changed. Set
 MEDJAX_TUNE_MALLOC=0 to leave the allocator alone. Nothing is changed either if the process sets glibc's
 MALLOC_* variables or GLIBC_TUNABLES or preloads another allocator itself, or off Linux/glibc.
+
+The main arena's heap matters because of where XLA:CPU allocates a step's temporary buffer (one block:
+116 MB for the paper CNN at batch 128): on the thread that runs the computation. With JAX's default
+asynchronous dispatch that is a PjRt worker thread, whose glibc arena cannot hold blocks over 64 MiB, so
+the block was mapped, zeroed by the kernel (55 huge pages) and unmapped every step: 9-19 ms of CPU time
+per paper-CNN step. `tune_dispatch()` (with way 1 only) runs CPU computations on the calling thread
+instead, whose allocations come from the main arena, so the block is reused.
 """
 
 import ctypes
@@ -29,7 +39,15 @@ import os
 import sys
 
 ENV_SWITCH = "MEDJAX_TUNE_MALLOC"
-HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+# Blocks below this size come from the main arena's heap, which keeps up to this much freed memory.
+HEAP_KEEP_BYTES = 2**30
+TUNABLES = ":".join(
+    [
+        "glibc.malloc.hugetlb=1",  # Transparent huge pages for malloc's blocks.
+        f"glibc.malloc.mmap_threshold={HEAP_KEEP_BYTES}",
+        f"glibc.malloc.trim_threshold={HEAP_KEEP_BYTES}",
+    ]
+)
 _REEXEC_MARK = "MEDJAX_ALLOCATOR_REEXEC"  # Set in the re-executed process: its GLIBC_TUNABLES is ours.
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 # mallopt parameters (glibc's malloc.h) and the values medjax sets.
@@ -57,6 +75,10 @@ XLA_CPU_FLAGS = f"--{YNN_FUSION_FLAG}=-individual_convolution"
 # What the last tune_xla() call did.
 xla_status = "not called"
 
+DISPATCH_SWITCH = "MEDJAX_TUNE_DISPATCH"
+# What the last tune_dispatch() call did.
+dispatch_status = "not called"
+
 
 def tune_allocator(environ=None, reexec: bool = True) -> str:
     """Tunes glibc's allocator as the module docstring says (re-executing the process when the huge-page
@@ -69,8 +91,8 @@ def tune_allocator(environ=None, reexec: bool = True) -> str:
         status = f"unchanged ({ENV_SWITCH}=0)"
     elif not sys.platform.startswith("linux"):
         status = f"unchanged (platform {sys.platform})"
-    elif environ.get(_REEXEC_MARK) == "1" and environ.get("GLIBC_TUNABLES") == HUGETLB_TUNABLE:
-        status = f"GLIBC_TUNABLES={HUGETLB_TUNABLE} (transparent huge pages: {thp_mode})"
+    elif environ.get(_REEXEC_MARK) == "1" and environ.get("GLIBC_TUNABLES") == TUNABLES:
+        status = f"GLIBC_TUNABLES={TUNABLES} (transparent huge pages: {thp_mode})"
     elif any(name in environ for name in _GLIBC_VARIABLES):
         status = "unchanged (glibc malloc variables set in the environment)"
     elif "malloc" in environ.get("LD_PRELOAD", ""):
@@ -78,7 +100,7 @@ def tune_allocator(environ=None, reexec: bool = True) -> str:
     elif thp_mode == "always":
         status = "unchanged (transparent huge pages: always)"
     elif thp_mode == "madvise" and _glibc_version() >= (2, 35) and reexec and real_environment:
-        _reexecute_with_huge_pages()  # Returns only if the re-exec failed.
+        _reexecute_with_tunables()  # Returns only if the re-exec failed.
         status = _apply() + " (re-exec for huge pages failed)"
     else:
         status = _apply()
@@ -113,9 +135,38 @@ def tune_xla(environ=None) -> str:
     return xla_status
 
 
+def tune_dispatch() -> str:
+    """Makes JAX run CPU computations on the calling thread (`jax_cpu_enable_async_dispatch=False`) when
+    `tune_allocator()` set glibc's tunables (see the module docstring); returns (and keeps in
+    `dispatch_status`) a line saying what was done.
+
+    Paper CNN, four pairs of alternating processes (2-core CPU, batch 128): 1,782-1,995 vs 1,386-1,781
+    images/s (faster in every pair), 0-12 page faults a step instead of 330-520 (55 of them huge), peak
+    RSS unchanged (734-776 vs 770-790 MiB); run inline without the tunables, the step was as fast as with
+    asynchronous dispatch. The caller waits for each computation,
+    so host work between steps no longer overlaps a CPU step (the training loop's: taking the next batch
+    from tf.data's prefetch buffer). Only JAX's CPU computations are affected. Nothing is changed if
+    MEDJAX_TUNE_DISPATCH=0, if the allocator was not tuned that way, or if JAX's backend has started.
+    """
+    global dispatch_status
+    if os.environ.get(DISPATCH_SWITCH, "1") == "0":
+        dispatch_status = f"unchanged ({DISPATCH_SWITCH}=0)"
+    elif not status.startswith("GLIBC_TUNABLES="):
+        dispatch_status = "unchanged (the allocator's tunables are not set)"
+    elif _jax_backend_started():
+        dispatch_status = "unchanged (JAX's backend had already started)"
+    else:
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+        dispatch_status = "JAX runs CPU computations on the calling thread"
+    return dispatch_status
+
+
 def tune_process() -> str:
-    """`tune_allocator()` then `tune_xla()`, for entry points, before JAX and TensorFlow start."""
-    return f"allocator: {tune_allocator()}; XLA: {tune_xla()}"
+    """`tune_allocator()`, `tune_xla()`, then `tune_dispatch()`, for entry points, before JAX and
+    TensorFlow start."""
+    return f"allocator: {tune_allocator()}; XLA: {tune_xla()}; dispatch: {tune_dispatch()}"
 
 
 def _jax_backend_started() -> bool:
@@ -123,11 +174,11 @@ def _jax_backend_started() -> bool:
     return xla_bridge is not None and xla_bridge.backends_are_initialized()
 
 
-def _reexecute_with_huge_pages() -> None:
-    """Replaces this process by the same command line with glibc's huge-page tunable set."""
+def _reexecute_with_tunables() -> None:
+    """Replaces this process by the same command line with `TUNABLES` in GLIBC_TUNABLES."""
     if not sys.executable:
         return
-    os.environ["GLIBC_TUNABLES"] = HUGETLB_TUNABLE
+    os.environ["GLIBC_TUNABLES"] = TUNABLES
     os.environ[_REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
