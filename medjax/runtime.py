@@ -141,12 +141,12 @@ def tune_dispatch() -> str:
     `dispatch_status`) a line saying what was done.
 
     Paper CNN, four pairs of alternating processes (2-core CPU, batch 128): 1,782-1,995 vs 1,386-1,781
-    images/s (faster in every pair), 0-12 page faults a step instead of 330-520 (55 of them huge), peak
+    images/s (faster in every pair), 0-12 page faults a step instead of 330-560 (55 of them huge), peak
     RSS unchanged (734-776 vs 770-790 MiB); run inline without the tunables, the step was as fast as with
-    asynchronous dispatch. The caller waits for each computation,
-    so host work between steps no longer overlaps a CPU step (the training loop's: taking the next batch
-    from tf.data's prefetch buffer). Only JAX's CPU computations are affected. Nothing is changed if
-    MEDJAX_TUNE_DISPATCH=0, if the allocator was not tuned that way, or if JAX's backend has started.
+    asynchronous dispatch. The caller waits for each computation, so host work between steps no longer
+    overlaps a CPU step (the training loop's: taking the next batch from tf.data's prefetch buffer).
+    Only JAX's CPU computations are affected. Nothing is changed if MEDJAX_TUNE_DISPATCH=0, if the
+    allocator was not tuned that way, or if JAX's backend has started.
     """
     global dispatch_status
     if os.environ.get(DISPATCH_SWITCH, "1") == "0":
