@@ -47,12 +47,23 @@ _PROBE = textwrap.dedent("""
     """)
 
 
-def _probe(environ) -> dict:
-    argument = environ if environ == "real" else json.dumps(environ)
+def _run_fresh_process(code: str, *args: str, drop=(), **env: str) -> dict:
+    """Runs `code` (with `args`) in a fresh CPU-only Python process whose environment is this one's without
+    the variables in `drop` and with `env`; returns the JSON object it printed last."""
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, argument, "--flag=x"], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=dict(environ, JAX_PLATFORMS="cpu", **env),
     ).stdout
     return json.loads(out.splitlines()[-1])
+
+
+def _probe(environ) -> dict:
+    return _run_fresh_process(_PROBE, environ if environ == "real" else json.dumps(environ), "--flag=x")
 
 
 def test_switch_and_user_settings_leave_the_allocator_alone():
@@ -119,8 +130,7 @@ def test_release_free_memory_returns_freed_heap_blocks():
         released = runtime.release_free_memory()
         print(json.dumps({"held": held, "after": rss_mib(), "released": released}))
         """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    result = json.loads(out.splitlines()[-1])
+    result = _run_fresh_process(code)
     assert result["released"] and result["held"] - result["after"] > 150, result
 
 
@@ -192,15 +202,7 @@ def test_tuned_xla_compiles_convolutions_natively_and_dots_with_its_library():
             "dot_in_ynn": any("ynn_fusion" in line and "dot_general" in line for line in lines),
         }))
         """)
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.XLA_SWITCH)}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=dict(environ, JAX_PLATFORMS="cpu"),
-    ).stdout
-    result = json.loads(out.splitlines()[-1])
+    result = _run_fresh_process(code, drop=("XLA_FLAGS", runtime.XLA_SWITCH))
     assert result["status"].startswith("XLA_FLAGS="), result
     assert result["conv"] == ["convolution"], result
     assert result["dot_in_ynn"], result
@@ -255,25 +257,17 @@ _DISPATCH_PROBE = textwrap.dedent("""
     """)
 
 
-def _dispatch_probe(switch: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.ENV_SWITCH)}
-    out = subprocess.run(
-        [sys.executable, "-c", _DISPATCH_PROBE],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=dict(environ, JAX_PLATFORMS="cpu", **{runtime.DISPATCH_SWITCH: switch}),
-    ).stdout
-    return json.loads(out.splitlines()[-1])
-
-
 @pytest.mark.skipif(
     runtime._thp_mode() != "madvise" or runtime._glibc_version() < (2, 35),
     reason="needs transparent huge pages in 'madvise' mode and glibc >= 2.35",
 )
 def test_inline_dispatch_reuses_the_step_buffers_instead_of_faulting_them_in_each_step():
-    tuned, asynchronous = _dispatch_probe("1"), _dispatch_probe("0")
+    tuned, asynchronous = (
+        _run_fresh_process(
+            _DISPATCH_PROBE, drop=("GLIBC_TUNABLES", runtime.ENV_SWITCH), **{runtime.DISPATCH_SWITCH: switch}
+        )
+        for switch in ("1", "0")
+    )
     assert tuned["dispatch"] == "JAX runs CPU computations on the calling thread", tuned
     assert tuned["asynchronous"] is False and asynchronous["asynchronous"] is True
     # Measured here: 2-57 vs 300-560 faults a step (55 of them huge pages) once the heap has settled.
