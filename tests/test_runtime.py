@@ -149,20 +149,28 @@ def test_failed_reexec_falls_back_to_mallopt_and_restores_the_environment(monkey
     assert "GLIBC_TUNABLES" not in runtime.os.environ and runtime._REEXEC_MARK not in runtime.os.environ
 
 
-def test_tune_xla_adds_its_flag_once_and_respects_the_user():
+def test_tune_xla_adds_its_flags_once_and_respects_the_user():
     environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     status = runtime.tune_xla(environ)
     assert environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {runtime.XLA_CPU_FLAGS}"
     assert status == f"XLA_FLAGS={environ['XLA_FLAGS']}" == runtime.xla_status
-    assert runtime.tune_xla(environ).startswith("unchanged (XLA_FLAGS sets")  # The flag is there now.
+    assert runtime.tune_xla(environ).startswith("unchanged (XLA_FLAGS sets")  # The flags are there now.
     assert environ["XLA_FLAGS"].count(runtime.YNN_FUSION_FLAG) == 1
     own = {"XLA_FLAGS": f"--{runtime.YNN_FUSION_FLAG}=+individual_convolution"}
-    assert runtime.tune_xla(dict(own)).startswith("unchanged") and own["XLA_FLAGS"].endswith(
-        "+individual_convolution"
-    )
+    runtime.tune_xla(own)  # The user's value stays; only flags the user did not name are added.
+    assert own["XLA_FLAGS"].split()[0].endswith("+individual_convolution")
+    assert own["XLA_FLAGS"].count(runtime.YNN_FUSION_FLAG) == 1
     switched_off = {runtime.XLA_SWITCH: "0"}
     assert runtime.tune_xla(switched_off) == f"unchanged ({runtime.XLA_SWITCH}=0)"
     assert "XLA_FLAGS" not in switched_off
+
+
+def test_vector_width_flag_only_on_avx512_cpus(monkeypatch):
+    monkeypatch.setattr(runtime, "_has_avx512", lambda: True)
+    assert runtime._xla_cpu_flags()[runtime.VECTOR_WIDTH_FLAG] == "512"
+    monkeypatch.setattr(runtime, "_has_avx512", lambda: False)
+    assert runtime.VECTOR_WIDTH_FLAG not in runtime._xla_cpu_flags()
+    assert runtime.YNN_FUSION_FLAG in runtime._xla_cpu_flags()
 
 
 def test_tune_xla_is_too_late_once_jax_has_started(monkeypatch):
