@@ -11,15 +11,17 @@ Measured (2026-12-01, seventh session at c4e3d06, 2-core CPU, no other job runni
 medjax/runtime.py's allocator, XLA and dispatch settings, before the 512-bit vector flag): 99.964%
 validation accuracy at step 300 in each of three runs, 57.0-65.7 s from launch (59.9-68.3 s in all;
 imports 3.2-3.3 s, data preparation 19.4-20.3 s, first step with compilation 5.1-5.4 s); test accuracy
-99.873%, macro AUC 0.9999990 at the stop. The sixth session (before the inline dispatch): 99.964% at step
-300 in each of three runs, 57.4-61.3 s from launch (59.9-63.9 s in all; imports 2.9-3.5 s, data
-preparation 17.7-20.9 s, first step with compilation 4.5-4.9 s); test accuracy 99.873%, macro AUC
-0.9999990 at the stop. The fifth session's final code: 99.927% at step 400, 68.4-71.0 s in four runs;
-before tf.data's autotuning thread was turned off for the training pipeline, 72.8-84.5 s in seven runs,
-three of which then stalled 30-32 s when the early stop tore the training iterator down. Earlier: 78.9 s
-(step 300) and 140.3 s (step 700) on 2026-11-30 (other rounding in the convolutions, so other
-trajectories: the 99.9% threshold is that sensitive); 95.8 s (step 500, mallopt allocator); 113.7 s before
-any allocator tuning; on 2026-11-26 at load ~3.3: 238 s.
+99.873%, macro AUC 0.9999990 at the stop. With the 512-bit flag (final code, one run): 99.945% at step
+400, 65.8 s (68.1 s in all); test 99.909%, macro AUC 0.9999994 (wider vectors round differently: another
+trajectory). The sixth session (before the inline dispatch): 99.964% at step 300 in each of three runs,
+57.4-61.3 s from launch (59.9-63.9 s in all; imports 2.9-3.5 s, data preparation 17.7-20.9 s, first step
+with compilation 4.5-4.9 s); test accuracy 99.873%, macro AUC 0.9999990 at the stop. The fifth session's
+final code: 99.927% at step 400, 68.4-71.0 s in four runs; before tf.data's autotuning thread was turned
+off for the training pipeline, 72.8-84.5 s in seven runs, three of which then stalled 30-32 s when the
+early stop tore the training iterator down. Earlier: 78.9 s (step 300) and 140.3 s (step 700) on
+2026-11-30 (other rounding in the convolutions, so other trajectories: the 99.9% threshold is that
+sensitive); 95.8 s (step 500, mallopt allocator); 113.7 s before any allocator tuning; on 2026-11-26 at
+load ~3.3: 238 s.
 """
 
 import ml_collections
