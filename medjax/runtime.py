@@ -93,7 +93,8 @@ def _xla_cpu_flags() -> dict:
     return flags
 
 
-XLA_CPU_FLAGS = " ".join(f"--{name}={value}" for name, value in _xla_cpu_flags().items())
+_XLA_CPU_FLAG_VALUES = _xla_cpu_flags()
+XLA_CPU_FLAGS = " ".join(f"--{name}={value}" for name, value in _XLA_CPU_FLAG_VALUES.items())
 # What the last tune_xla() call did.
 xla_status = "not called"
 
@@ -154,11 +155,11 @@ def tune_xla(environ=None) -> str:
     real_environment = environ is None
     environ = os.environ if environ is None else environ
     flags = environ.get("XLA_FLAGS", "")
-    missing = [flag for flag in XLA_CPU_FLAGS.split() if flag[2:].split("=")[0] not in flags]
+    missing = [f"--{name}={value}" for name, value in _XLA_CPU_FLAG_VALUES.items() if name not in flags]
     if environ.get(XLA_SWITCH, "1") == "0":
         xla_status = f"unchanged ({XLA_SWITCH}=0)"
     elif not missing:
-        xla_status = "unchanged (XLA_FLAGS sets " + ", ".join(_xla_cpu_flags()) + ")"
+        xla_status = f"unchanged (XLA_FLAGS sets {', '.join(_XLA_CPU_FLAG_VALUES)})"
     elif real_environment and _jax_backend_started():
         xla_status = "unchanged (JAX's backend had already started)"
     else:
