@@ -87,7 +87,12 @@ def evaluate_checkpoint(
     variables = checkpointing.restore_variables(workdir, step, abstract)
 
     predictor = evaluation.Predictor(
-        model, mesh, mean=preprocessing["mean"], std=preprocessing["std"], **input_kwargs
+        model,
+        mesh,
+        mean=preprocessing["mean"],
+        std=preprocessing["std"],
+        compiler_options=runtime.cpu_compiler_options(config.model.name),
+        **input_kwargs,
     )
     report = evaluation.evaluate(
         predictor, variables, arrays, class_names, batch_size or config.eval.batch_size

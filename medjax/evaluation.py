@@ -1,6 +1,7 @@
 """Exact evaluation over a mesh: padded, masked batches; predictions gathered from every process."""
 
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,7 @@ class Predictor:
         std: float,
         image_size: int = 0,
         channels: int = 0,
+        compiler_options: Optional[dict] = None,
     ):
         self._mesh = mesh
         self._step = jax.jit(
@@ -33,6 +35,7 @@ class Predictor:
             ),
             in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
             out_shardings=sharding.batch_sharded(mesh),
+            compiler_options=compiler_options or None,
         )
 
     def predict(

@@ -89,6 +89,7 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh, prep):
         ),
         in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharded(mesh)),
         out_shardings=sharding.replicated(mesh),
+        compiler_options=runtime.cpu_compiler_options(config.model.name) or None,
     )
     clean = config.augment.copy_and_resolve_references()
     clean.enabled = False
@@ -163,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = transfer.init_from(config, state, tx, input_shape, replicated)
         files.write_json(os.path.join(workdir, "config.json"), metadata)
 
+    compiler_options = runtime.cpu_compiler_options(config.model.name)
     train_step = jax.jit(
         functools.partial(
             steps.train_step,
@@ -175,8 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options or None,
     )
-    predictor = evaluation.Predictor(model, mesh, **prep)
+    predictor = evaluation.Predictor(model, mesh, compiler_options=compiler_options, **prep)
     calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh, prep)
 
     def run_eval(role, eval_state):
@@ -196,12 +199,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
 
     logging.info(
-        "Training steps %d..%d (%d per epoch, global batch %d) on %d devices.",
+        "Training steps %d..%d (%d per epoch, global batch %d) on %d devices; XLA compiler options %s.",
         start_step,
         total_steps,
         steps_per_epoch,
         config.train.batch_size,
         jax.device_count(),
+        compiler_options or "default",
     )
     history, last_log = [], (start_step, time.time())
     for step, local_batch in zip(range(start_step + 1, total_steps + 1), train_ds.as_numpy_iterator()):

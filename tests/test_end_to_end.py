@@ -62,6 +62,28 @@ def test_final_checkpoint_has_calibrated_batch_norm_statistics(trained):
     assert checkpointing.restore_metadata(manager, earlier)["batch_stats"] == "running averages"
 
 
+def test_training_and_evaluation_jit_with_the_model_s_cpu_options(trained, tmp_path, monkeypatch):
+    """train.py's step and batch-norm calibration and the evaluation predictor (both jobs) are compiled
+    with runtime.cpu_compiler_options for the configured model."""
+    config, workdir, _ = trained
+    expected = runtime.cpu_compiler_options(config.model.name)
+    assert expected  # The quick config's paper CNN has CPU options.
+    seen, real_jit = [], jax.jit
+
+    def recording_jit(fun, *args, **kwargs):
+        seen.append((getattr(fun, "func", fun).__name__, kwargs.get("compiler_options")))
+        return real_jit(fun, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    train.train_and_evaluate(_config(tmp_path / "tfds"), str(tmp_path / "run"))
+    training = {name for name, options in seen if options == expected}
+    seen.clear()
+    evaluate.evaluate_checkpoint(workdir, split="test")
+    evaluation = {name for name, options in seen if options == expected}
+    assert {"train_step", "batch_statistics", "eval_step"} <= training, training
+    assert "eval_step" in evaluation, seen
+
+
 def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     config, workdir, _ = trained
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
