@@ -110,7 +110,7 @@ def run_medjax(spec: dict) -> dict:
                 label_smoothing=0.0,
             ),
             donate_argnums=0,
-            compiler_options=compiler_options or None,  # As medjax's training loop compiles its step.
+            compiler_options=compiler_options,  # As medjax's training loop compiles its step.
         )
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()

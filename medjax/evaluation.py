@@ -35,7 +35,7 @@ class Predictor:
             ),
             in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
             out_shardings=sharding.batch_sharded(mesh),
-            compiler_options=compiler_options or None,
+            compiler_options=compiler_options,
         )
 
     def predict(

@@ -71,7 +71,7 @@ def checkpoint_metadata(
     }
 
 
-def batch_norm_calibrator(config, num_classes, train_data, mesh, prep):
+def batch_norm_calibrator(config, num_classes, train_data, mesh, prep, compiler_options=None):
     """A function state -> state whose batch-norm statistics are averaged over clean training batches.
 
     Running averages collected on augmented images misfit clean evaluation images (on Medical MNIST this
@@ -89,7 +89,7 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh, prep):
         ),
         in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharded(mesh)),
         out_shardings=sharding.replicated(mesh),
-        compiler_options=runtime.cpu_compiler_options(config.model.name) or None,
+        compiler_options=compiler_options,
     )
     clean = config.augment.copy_and_resolve_references()
     clean.enabled = False
@@ -177,10 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         in_shardings=(replicated, sharding.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=compiler_options or None,
+        compiler_options=compiler_options,
     )
     predictor = evaluation.Predictor(model, mesh, compiler_options=compiler_options, **prep)
-    calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh, prep)
+    calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh, prep, compiler_options)
 
     def run_eval(role, eval_state):
         variables = {"params": eval_state.params, "batch_stats": eval_state.batch_stats}
