@@ -1,17 +1,26 @@
 r"""Images/s of the compiled train step: medjax (CPU fast path and XLA native) vs the same model in PyTorch.
 
-Each measurement runs in its own subprocess (clean peak RSS, no shared caches), and the variants of a
-model alternate within every round (order rotated each round), so a noisy machine slows them alike.
-Prints one JSON object per measurement and, last, a summary: medians over rounds of images/s, peak RSS
-and compile time; `ratio_vs_torch` divides those medians, `ratio_vs_torch_paired` is the median of the
-same-round ratios (the fairer one when the machine's load drifts between rounds).
+Every variant runs in its own worker process (clean peak RSS, no shared caches). In each round a model's
+workers start one after another (compiling and warming up alone), then stay alive and take turns running
+`--blocks` blocks of timed steps (order rotated every block; round start order rotated every round), so
+the variants of a block meet the same machine state within about a second. Before each block the
+benchmark measures the round trip of a value between the two first cores (`core_round_trip_ns`): the
+host of this project's VM moves its vCPUs between near (~150 ns) and far (~380 ns) core pairs for
+seconds to minutes, and medjax's step is ~28% slower in the far placement while PyTorch's is not.
+A model's workers are resident together: the machine needs the sum of their peak RSS.
+
+Prints one JSON object per measurement (variant and round) and, last, a summary: medians over rounds of
+images/s (each round's from its median step time), peak RSS and compile time; `ratio_vs_torch` divides
+those medians, `ratio_vs_torch_paired` is the median of the same-block ratios over all blocks of all
+rounds (the fairer one on a noisy machine), and `ratio_vs_torch_paired_by_cores` splits those blocks by
+the core placement measured before them (`core_round_trip_ns` below or above NEAR_ROUND_TRIP_NS).
 
 Variants: `medjax`, `medjax_direct` (the CPU path without Winograd convolutions) and `medjax_xla`
 (flax's native ops) run with glibc's allocator and XLA:CPU tuned as medjax.main does (medjax/runtime.py);
 `torch` is PyTorch as shipped; `torch_tuned` is PyTorch with the same allocator settings, which speed it
 up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
 
-  python benchmarks/train_throughput.py                                    # all models, 3 rounds
+  python benchmarks/train_throughput.py                                    # all models, 3 rounds x 3 blocks
   python benchmarks/train_throughput.py --models=issue_cnn --rounds=5 --steps=10
 
 Measure on an idle machine: PyTorch's eager CPU speed drops far more than medjax's when other processes
@@ -26,11 +35,14 @@ Adam, batch norm and dropout in training mode, labels and pixel normalisation as
 import argparse
 import functools
 import json
+import math
+import mmap
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +60,11 @@ MODELS = {
 }
 VARIANTS = ("medjax", "medjax_direct", "medjax_xla", "torch", "torch_tuned")
 BUSY_LOAD = 0.5  # 1-minute load average at the start above which the machine counts as busy.
+# Core round trips below this count as the two cores' near placement (see core_round_trip_ns; this
+# machine's are ~150 ns near, ~380 ns far).
+NEAR_ROUND_TRIP_NS = 250.0
+# Pause before each worker's block, so that the previous worker's threads have stopped spinning.
+HANDOFF_PAUSE_S = 0.05
 
 
 def _peak_rss_mb() -> float:
@@ -80,7 +97,9 @@ def model_config(name: str, dtype: str = "float32"):
     return config
 
 
-def run_medjax(spec: dict) -> dict:
+def prepare_medjax(spec: dict):
+    """Compiles medjax's train step and runs the warm-up steps; returns (step, info): step() runs one step
+    to completion and returns its loss."""
     import jax
     import numpy as np
 
@@ -99,7 +118,7 @@ def run_medjax(spec: dict) -> dict:
         state = jax.jit(functools.partial(steps.init_state, model, tx, image_shape=IMAGE_SHAPE))(
             jax.random.key(0)
         )
-        step = jax.jit(
+        train_step = jax.jit(
             functools.partial(
                 steps.train_step,
                 model=model,
@@ -113,30 +132,25 @@ def run_medjax(spec: dict) -> dict:
             compiler_options=compiler_options,  # As medjax's training loop compiles its step.
         )
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled = train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
     runtime.release_free_memory()  # As medjax's training loop does after its first step.
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(holder["state"])
+        return metrics["loss"]
+
     for _ in range(spec["warmup"]):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    assert np.isfinite(float(metrics["loss"]))
-    return {
-        "compile_s": compile_s,
-        "step_times": times,
-        "num_params": num_params,
-        "compiler_options": compiler_options,
-    }
+        step()
+    info = {"compile_s": compile_s, "num_params": num_params, "compiler_options": compiler_options}
+    return step, info
 
 
-def run_torch(spec: dict) -> dict:
-    import numpy as np
+def prepare_torch(spec: dict):
+    """The PyTorch twin of `prepare_medjax` (eager mode: nothing to compile)."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -164,26 +178,21 @@ def run_torch(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return loss
+        return loss.detach()
 
     for _ in range(spec["warmup"]):
         step()
-    times = []
-    for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    assert np.isfinite(float(loss))
     num_params = sum(p.numel() for p in model.parameters())
-    return {
-        "compile_s": 0.0,
-        "step_times": times,
-        "num_params": num_params,
-        "threads": torch.get_num_threads(),
-    }
+    return step, {"compile_s": 0.0, "num_params": num_params, "threads": torch.get_num_threads()}
 
 
-def worker(spec: dict) -> dict:
+def _send(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
+def serve(spec: dict) -> None:
+    """A worker process: prepares one variant, says it is ready, then times blocks of steps on request
+    ({"steps": n} -> {"step_times": [...]}) until {"stop": true}, which it answers with its peak RSS."""
     from medjax import runtime
 
     # medjax.main tunes glibc's allocator, XLA and JAX's dispatch before JAX starts; `torch_tuned` gets the
@@ -195,35 +204,183 @@ def worker(spec: dict) -> dict:
     else:
         runtime.tune_process()
         allocator, xla_tuning, dispatch = runtime.status, runtime.xla_status, runtime.dispatch_status
-    rss_start = _peak_rss_mb()
-    result = run_torch(spec) if spec["variant"].startswith("torch") else run_medjax(spec)
-    step_s = statistics.median(result.pop("step_times"))
-    return dict(
-        spec,
-        **result,
-        step_s=step_s,
-        images_per_second=spec["batch_size"] / step_s,
-        peak_rss_mb=_peak_rss_mb(),
-        rss_at_start_mb=rss_start,
-        allocator=allocator,
-        xla_tuning=xla_tuning,
-        dispatch=dispatch,
+    rss_at_start = _peak_rss_mb()
+    step, info = (prepare_torch if spec["variant"].startswith("torch") else prepare_medjax)(spec)
+    _send(
+        dict(
+            info,
+            ready=True,
+            allocator=allocator,
+            xla_tuning=xla_tuning,
+            dispatch=dispatch,
+            rss_at_start_mb=rss_at_start,
+        )
+    )
+    loss = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "steps" not in request:
+            break
+        times = []
+        for _ in range(request["steps"]):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+        _send({"step_times": times})
+    _send(
+        {"peak_rss_mb": _peak_rss_mb(), "final_loss_finite": loss is not None and math.isfinite(float(loss))}
     )
 
 
-def measure(spec: dict) -> dict:
-    """Runs one spec in a fresh subprocess and returns its JSON result (or an error record)."""
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        return dict(spec, error=proc.stderr[-2000:])
-    return json.loads(lines[-1])
+class WorkerError(RuntimeError):
+    """A worker process exited or broke the protocol; the message carries the end of its stderr."""
+
+
+class Worker:
+    """One variant's measuring subprocess, alive for a round so that its blocks can alternate with the
+    other variants' (compiled and warmed up once)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=REPO,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )
+        self.info = self._receive()
+
+    def _receive(self) -> dict:
+        for line in self._proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self._proc.wait()
+        self._stderr.seek(0)
+        raise WorkerError(f"worker exited with status {self._proc.returncode}: {self._stderr.read()[-2000:]}")
+
+    def request(self, message: dict) -> dict:
+        self._proc.stdin.write(json.dumps(message) + "\n")
+        self._proc.stdin.flush()
+        return self._receive()
+
+    def stop(self) -> dict:
+        final = self.request({"stop": True})
+        self._proc.stdin.close()
+        self._proc.wait()
+        self._stderr.close()
+        return final
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
+
+
+def core_round_trip_ns(iterations: int = 20000, repeats: int = 3):
+    """Round trip of a value between two processes pinned to this process's first two CPUs, spinning on
+    one shared word (best of `repeats`, in ns); None off Linux or with fewer than two CPUs.
+
+    On this project's KVM machine it is bimodal, ~150 ns or ~380 ns, as the host places the two vCPUs on
+    cores near each other or far apart for seconds to minutes; medjax's step is ~28% slower in the far
+    placement (XLA's memory-bound fusions, which hand data between the cores, take up to twice as long)
+    while PyTorch's is not, so the benchmark records it for every block."""
+    if not hasattr(os, "sched_setaffinity") or not hasattr(os, "fork"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    word = memoryview(mmap.mmap(-1, mmap.PAGESIZE)).cast("q")
+    best = None
+    for _ in range(repeats):
+        word[0] = 0
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.sched_setaffinity(0, {cpus[1]})
+                for i in range(iterations):
+                    want = 2 * i + 1
+                    while word[0] != want:
+                        pass
+                    word[0] = want + 1
+            finally:
+                os._exit(0)
+        try:
+            os.sched_setaffinity(0, {cpus[0]})
+            t0 = time.perf_counter()
+            for i in range(iterations):
+                want = 2 * i + 2
+                word[0] = want - 1
+                while word[0] != want:
+                    pass
+            elapsed = time.perf_counter() - t0
+        finally:
+            os.waitpid(pid, 0)
+            os.sched_setaffinity(0, set(cpus))
+        best = elapsed if best is None else min(best, elapsed)
+    return best / iterations * 1e9
+
+
+def measure_round(specs: list[dict], blocks: int, probe_cores: bool = True) -> list[dict]:
+    """Starts one worker per spec (one after another, so that compiling and warming up have the machine to
+    themselves), then runs `blocks` blocks of each spec's timed steps, the workers taking turns (order
+    rotated every block), so that every variant of a block meets the same machine. Returns one record per
+    spec: images/s from the median step time over all its blocks, each block's images/s, the core round
+    trip measured before each block, peak RSS; or an error record."""
+    workers, records = [], {}
+    for spec in specs:
+        try:
+            workers.append(Worker(spec))
+        except WorkerError as e:
+            records[spec["variant"]] = dict(spec, error=str(e))
+    times = {w.spec["variant"]: [] for w in workers}
+    block_ips = {w.spec["variant"]: [] for w in workers}
+    round_trips = []
+    for b in range(blocks):
+        round_trips.append(core_round_trip_ns() if probe_cores else None)
+        for w in workers[b % len(workers) :] + workers[: b % len(workers)] if workers else []:
+            if w.spec["variant"] in records:
+                continue
+            time.sleep(HANDOFF_PAUSE_S)
+            try:
+                block = w.request({"steps": w.spec["steps"]})["step_times"]
+            except (WorkerError, OSError) as e:
+                records[w.spec["variant"]] = dict(w.spec, error=str(e))
+                continue
+            times[w.spec["variant"]] += block
+            block_ips[w.spec["variant"]].append(w.spec["batch_size"] / statistics.median(block))
+    for w in workers:
+        variant = w.spec["variant"]
+        if variant in records:
+            w.kill()
+            continue
+        try:
+            final = w.stop()
+        except (WorkerError, OSError) as e:
+            records[variant] = dict(w.spec, error=str(e))
+            continue
+        if not final.pop("final_loss_finite"):
+            records[variant] = dict(w.spec, error="non-finite loss")
+            continue
+        step_s = statistics.median(times[variant])
+        records[variant] = dict(
+            w.spec,
+            **{k: v for k, v in w.info.items() if k != "ready"},
+            **final,
+            step_s=step_s,
+            images_per_second=w.spec["batch_size"] / step_s,
+            block_images_per_second=block_ips[variant],
+            core_round_trip_ns=round_trips,
+        )
+    return [records[spec["variant"]] for spec in specs]
+
+
+def measure(spec: dict, blocks: int = 1) -> dict:
+    """One spec measured alone (its own worker process); its record or an error record."""
+    return measure_round([spec], blocks)[0]
 
 
 def _ratios(ips, memory, reference):
@@ -238,20 +395,44 @@ def _ratios(ips, memory, reference):
     return ratios
 
 
-def _paired_ratios(by_model, reference):
-    """Median over rounds of same-round ratios: variants of a round ran back to back, sharing the load."""
-    paired = {}
+def _block_ratios(by_model, reference):
+    """model -> medjax variant -> [(ratio, core round trip ns)]: the variant's images/s over `reference`'s
+    in each block of each round (the two ran one after the other on the same machine state)."""
+    ratios = {}
     for model, by_variant in by_model.items():
-        reference_by_round = {r["round"]: r["images_per_second"] for r in by_variant.get(reference, [])}
+        reference_by_round = {r["round"]: r for r in by_variant.get(reference, [])}
         for v, rs in by_variant.items():
-            same_round = [
-                r["images_per_second"] / reference_by_round[r["round"]]
-                for r in rs
-                if r["round"] in reference_by_round
-            ]
-            if v.startswith("medjax") and same_round:
-                paired.setdefault(model, {})[v] = statistics.median(same_round)
-    return paired
+            if not v.startswith("medjax"):
+                continue
+            pairs = []
+            for r in rs:
+                if r["round"] not in reference_by_round:
+                    continue
+                theirs = reference_by_round[r["round"]]["block_images_per_second"]
+                mine = r["block_images_per_second"]
+                for b in range(min(len(mine), len(theirs))):
+                    pairs.append((mine[b] / theirs[b], r["core_round_trip_ns"][b]))
+            if pairs:
+                ratios.setdefault(model, {})[v] = pairs
+    return ratios
+
+
+def _paired_summaries(block_ratios):
+    """Medians of the same-block ratios: over all blocks, and over the blocks of each core placement."""
+    paired, by_placement = {}, {"near": {}, "far": {}}
+    for model, by_variant in block_ratios.items():
+        for v, pairs in by_variant.items():
+            paired.setdefault(model, {})[v] = statistics.median(ratio for ratio, _ in pairs)
+            for placement, selected in (
+                ("near", [q for q, ns in pairs if ns is not None and ns < NEAR_ROUND_TRIP_NS]),
+                ("far", [q for q, ns in pairs if ns is not None and ns >= NEAR_ROUND_TRIP_NS]),
+            ):
+                if selected:
+                    by_placement[placement].setdefault(model, {})[v] = {
+                        "ratio": statistics.median(selected),
+                        "blocks": len(selected),
+                    }
+    return paired, by_placement
 
 
 def summarize(results: list[dict]) -> dict:
@@ -273,8 +454,23 @@ def summarize(results: list[dict]) -> dict:
         params[model] = {v: rs[0]["num_params"] for v, rs in by_variant.items()}
     summary = {"summary": True}
     for reference in ("torch", "torch_tuned"):
-        summary[f"ratio_vs_{reference}_paired"] = _paired_ratios(by_model, reference)
+        paired, by_placement = _paired_summaries(_block_ratios(by_model, reference))
+        summary[f"ratio_vs_{reference}_paired"] = paired
+        summary[f"ratio_vs_{reference}_paired_by_cores"] = by_placement
         summary[f"ratio_vs_{reference}"] = _ratios(ips, memory, reference)
+    # One round trip per block of each round (all variants of a model's round share them).
+    round_trips = [
+        ns
+        for rs in by_model.values()
+        for r in next(iter(rs.values()))
+        for ns in r["core_round_trip_ns"]
+        if ns is not None
+    ]
+    if round_trips:
+        summary["core_round_trip_ns"] = {
+            "median": statistics.median(round_trips),
+            "far_share": sum(ns >= NEAR_ROUND_TRIP_NS for ns in round_trips) / len(round_trips),
+        }
     return {
         **summary,
         "images_per_second": ips,
@@ -294,14 +490,20 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, from {VARIANTS}.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=0, help="Timed steps per run (0: the model's default).")
+    parser.add_argument("--blocks", type=int, default=3, help="Blocks of timed steps per variant and round.")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="Timed steps per block (0: the model's default)."
+    )
     parser.add_argument("--warmup", type=int, default=-1, help="Untimed steps after compile (-1: default).")
     parser.add_argument("--dtype", default="float32", help="medjax compute dtype (float32 or bfloat16).")
     parser.add_argument("--torch_channels_last", action="store_true", help="PyTorch in NHWC memory format.")
+    parser.add_argument(
+        "--probe_cores", type=int, default=1, help="1: measure the core round trip before every block."
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        serve(json.loads(args.worker))
         return
 
     load_start = os.getloadavg()
@@ -322,10 +524,10 @@ def main():
     for r in range(args.rounds):
         for name in args.models.split(","):
             _, steps, warmup = MODELS[name]
-            # Rotate the order every round so that no variant always runs first (or after the same one).
+            # Rotate the order every round so that no variant always starts first (or after the same one).
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
-            for variant in order:
-                spec = {
+            specs = [
+                {
                     "model": name,
                     "variant": variant,
                     "implementation": {"medjax": "auto", "medjax_direct": "auto", "medjax_xla": "xla"}.get(
@@ -340,7 +542,9 @@ def main():
                     "channels_last": args.torch_channels_last,
                     "round": r,
                 }
-                result = measure(spec)
+                for variant in order
+            ]
+            for result in measure_round(specs, args.blocks, probe_cores=bool(args.probe_cores)):
                 result["loadavg"] = os.getloadavg()
                 results.append(result)
                 print(json.dumps(result), flush=True)
