@@ -41,7 +41,14 @@ _PROBE = textwrap.dedent("""
     libc.free(block)
     after_free = rss_mib()
     runtime.release_free_memory()
+    # A block above 1 GiB, never touched (no memory used): from the heap, below the program break, or
+    # mapped on its own far above it.
+    libc.sbrk.restype = ctypes.c_void_p
+    big = libc.malloc(5 * 2**28)
+    big_in_heap = big is not None and big < libc.sbrk(0)
+    libc.free(big)
     print(json.dumps({"status": status, "held": held, "huge": huge, "after_free": after_free,
+                      "big_block_in_heap": big_in_heap,
                       "after_release": rss_mib(), "argv": sys.argv[1:],
                       "tunables": os.environ.get("GLIBC_TUNABLES")}))
     """)
@@ -84,6 +91,7 @@ def test_reexecuted_process_gets_huge_pages_and_keeps_freed_blocks_until_release
     assert tuned["huge"] > 0, tuned  # Faulted in 2 MiB at a time.
     assert tuned["held"] - tuned["after_free"] < 16, tuned  # Kept on the heap for the next step,
     assert tuned["after_free"] - tuned["after_release"] > 200, tuned  # until release_free_memory().
+    assert tuned["big_block_in_heap"], tuned  # Blocks of any size, so that none is mapped afresh each step.
     # Without the switch's consent nothing happens, and a user's own tunables are left alone.
     assert _probe({runtime.ENV_SWITCH: "0"})["huge"] == 0
     assert runtime.tune_allocator({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}).startswith("unchanged")
