@@ -7,7 +7,12 @@ Run (benchmarks/time_to_accuracy.py times it, compile and data preparation repor
 Same model, optimizer, schedule and augmentation as configs/base.py (whose run first reached 99.891%
 validation accuracy at its end-of-epoch-1 evaluation), so the stopping point, not the recipe, changes.
 
-Measured (2026-12-01, eighth session at a4dfd08, 2-core CPU, nothing else running, empty TFDS dir, with
+Measured (2026-12-01, ninth session at 9943e6d, 2-core CPU, nothing else running, empty TFDS dir):
+99.909% validation accuracy at step 300, 57.4 s from launch (59.6 s in all; imports 3.5 s, data
+preparation 19.6 s, first step with compilation 2.8 s); test accuracy 99.873%, macro AUC 0.9999993 at the
+stop (one run; the host had the two vCPUs far apart right after it, which slows medjax's step ~28%:
+README.md, "The far placement"). A run started on a busier machine (load 1.2): 64.0 s.
+Eighth session (at a4dfd08, 2-core CPU, nothing else running, empty TFDS dir, with
 the paper CNN's per-model XLA compile options): 99.909% validation accuracy at step 300, 50.7 s from
 launch (52.7 s in all; imports 3.3 s, data preparation 20.9 s, first step with compilation 2.9 s); test
 accuracy 99.873%, macro AUC 0.9999993 at the stop (one run).
