@@ -14,9 +14,10 @@ removes that cost, the first way that applies:
    next step (`release_free_memory()` returns it on demand). What is kept never exceeds the peak the
    process reached; with 1 GiB instead, ResNet-18 (3x3 stem)'s ~3.5 GB temporary buffer was still mapped
    and zeroed afresh every step (1,764 huge-page faults and 1.1-2.3 s of system time a step: 23-27
-   against 28-29 images/s in alternating processes, peak RSS 4.5 GB either way). The tunables are only read when a
-   process starts, so `tune_allocator()` puts them in GLIBC_TUNABLES and re-executes the process once,
-   with the same command line, before anything else has run (entry points call it first thing).
+   against 28-29 images/s in alternating processes, peak RSS 4.5 GB either way). The tunables are only
+   read when a process starts, so `tune_allocator()` puts them in GLIBC_TUNABLES and re-executes the
+   process once, with the same command line, before anything else has run (entry points call it first
+   thing).
    Huge pages alone, against way 2 (same machine, alternating runs): paper CNN 1,345-1,408 vs
    1,309-1,363 images/s at a peak RSS of 641-729 vs 776-1,036 MiB; ResNet-18 (7x7 stem) 326-332 vs
    317-320 images/s at 1,401-1,478 vs 1,758-2,134 MiB.
