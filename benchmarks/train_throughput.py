@@ -339,9 +339,10 @@ def measure_round(specs: list[dict], blocks: int, probe_cores: bool = True) -> l
     times = {w.spec["variant"]: [] for w in workers}
     block_ips = {w.spec["variant"]: [] for w in workers}
     round_trips = []
-    for b in range(blocks):
+    for b in range(blocks if workers else 0):
         round_trips.append(core_round_trip_ns() if probe_cores else None)
-        for w in workers[b % len(workers) :] + workers[: b % len(workers)] if workers else []:
+        shift = b % len(workers)
+        for w in workers[shift:] + workers[:shift]:
             if w.spec["variant"] in records:
                 continue
             time.sleep(HANDOFF_PAUSE_S)
