@@ -120,6 +120,16 @@ DISPATCH_SWITCH = "MEDJAX_TUNE_DISPATCH"
 dispatch_status = "not called"
 
 
+def xla_own_convolutions(environ=None) -> bool:
+    """Whether XLA_FLAGS hands convolutions to XLA:CPU's own kernels rather than YNNPACK's, as `tune_xla`
+    does (its `-individual_convolution` value). Which of the two runs them changes which convolution
+    method is fastest, so `medjax.models.layers` asks when it plans a convolution."""
+    environ = os.environ if environ is None else environ
+    prefix = f"--{YNN_FUSION_FLAG}="
+    values = [flag[len(prefix) :] for flag in environ.get("XLA_FLAGS", "").split() if flag.startswith(prefix)]
+    return bool(values) and "-individual_convolution" in values[-1].split(",")
+
+
 def tune_allocator(environ=None, reexec: bool = True) -> str:
     """Tunes glibc's allocator as the module docstring says (re-executing the process when the huge-page
     tunable needs it and `reexec` allows); returns (and keeps in `status`) a line saying what was done."""

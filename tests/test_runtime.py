@@ -173,6 +173,18 @@ def test_tune_xla_adds_its_flags_once_and_respects_the_user():
     assert "XLA_FLAGS" not in switched_off
 
 
+def test_xla_own_convolutions_follows_the_ynn_fusion_flag():
+    flag = f"--{runtime.YNN_FUSION_FLAG}"
+    assert runtime.xla_own_convolutions({"XLA_FLAGS": runtime.XLA_CPU_FLAGS})
+    assert runtime.xla_own_convolutions(
+        {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {flag}=-individual_dot,-individual_convolution"}
+    )
+    assert not runtime.xla_own_convolutions({})
+    assert not runtime.xla_own_convolutions({"XLA_FLAGS": "--xla_dump_to=/tmp/x"})
+    assert not runtime.xla_own_convolutions({"XLA_FLAGS": f"{flag}=+individual_convolution"})
+    assert not runtime.xla_own_convolutions({"XLA_FLAGS": f"{flag}=-individual_convolution {flag}=default"})
+
+
 def test_vector_width_flag_only_on_avx512_cpus(monkeypatch):
     monkeypatch.setattr(runtime, "_has_avx512", lambda: True)
     assert runtime._xla_cpu_flags()[runtime.VECTOR_WIDTH_FLAG] == "512"
