@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from medjax import models
+from medjax import models, runtime
 from medjax.models import layers, winograd
 
 
@@ -101,6 +101,68 @@ def test_winograd_only_for_float32_and_when_allowed():
         assert layers.conv_plan(*args) == direct
     assert layers.conv_plan(*args).input_grad == "winograd4"
     assert layers.conv_plan(args[0], args[1], args[2], ((3, 3), (1, 1))) == direct  # Pad > 2.
+
+
+@pytest.mark.parametrize(
+    "x_shape,kernel_shape,strides,plan",
+    [
+        ((128, 16, 16, 64), (3, 3, 64, 128), (2, 2), ("native", "native", "native")),  # ResNet-18 7x7.
+        ((128, 4, 4, 256), (3, 3, 256, 256), (1, 1), ("native", "native", "native")),
+        ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), ("patches", "patches", "native")),
+        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), ("native", "native", "patches")),  # Paper CNN.
+        ((128, 16, 16, 64), (1, 1, 64, 128), (2, 2), ("native", "native", "patches")),  # 1x1.
+        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), ("native", "native", "patches")),
+        ((128, 16, 16, 64), (3, 3, 64, 64), (1, 1), ("native", "winograd4", "winograd4")),
+    ],
+)
+def test_kernel_gradient_is_xla_s_own_where_it_measured_faster(
+    monkeypatch, x_shape, kernel_shape, strides, plan
+):
+    """Only with XLA's own convolution kernels (as runtime.tune_xla sets); YNNPACK's were slower."""
+    pads = (
+        ((1, 1), (1, 1))
+        if kernel_shape[0] == 3
+        else ((3, 3), (3, 3)) if kernel_shape[0] == 7 else ((0, 0),) * 2
+    )
+    monkeypatch.setenv("XLA_FLAGS", runtime.XLA_CPU_FLAGS)
+    assert layers.conv_plan(x_shape, kernel_shape, strides, pads) == layers.ConvPlan(*plan)
+    monkeypatch.delenv("XLA_FLAGS")
+    without = layers.conv_plan(x_shape, kernel_shape, strides, pads)
+    assert without == layers.ConvPlan(*plan[:2], "patches" if plan[2] == "native" else plan[2])
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs",
+    [
+        ((2, 9, 9, 64), dict(features=8, kernel_size=(3, 3), strides=2)),
+        ((2, 2, 2, 64), dict(features=8, kernel_size=(3, 3), padding=1, use_bias=False)),  # Patches forward.
+    ],
+)
+def test_native_kernel_gradient_matches_flax_conv(monkeypatch, shape, kwargs):
+    monkeypatch.setenv("XLA_FLAGS", runtime.XLA_CPU_FLAGS)
+    x = jax.random.normal(jax.random.key(0), shape)
+    native, ours = nn.Conv(**kwargs), layers.Conv(**kwargs)
+    pads = layers._explicit_padding(
+        kwargs.get("padding", "SAME"), shape[1:3], (3, 3), layers._pairs(kwargs.get("strides", 1), 2)
+    )
+    plan = layers.conv_plan(shape, (3, 3, shape[3], 8), layers._pairs(kwargs.get("strides", 1), 2), pads)
+    assert plan.kernel_grad == "native", plan
+    variables = native.init(jax.random.key(1), x)
+    with layers.implementation("fast"):
+        (out, grads), (ref_out, ref_grads) = _vjps([ours.apply, native.apply], variables, x)
+    _assert_close(out, ref_out)
+    jax.tree_util.tree_map(_assert_close, grads, ref_grads)
+
+
+def test_unfused_is_the_identity_computed_apart():
+    """Bit for bit (signed zeros, infinities, NaN), and through a conditional this XLA keeps: if a jaxlib
+    dropped it, its producer would be recomputed inside the transpose again (see layers._unfused)."""
+    x = jnp.array([[0.0, -0.0, 1.5], [jnp.inf, -jnp.inf, jnp.nan]], jnp.float32)
+    fn = jax.jit(lambda x: layers._unfused(jnp.maximum(x, -1.0) * 2).T)
+    np.testing.assert_array_equal(
+        np.asarray(fn(x)).view(np.uint32), np.asarray(jnp.maximum(x, -1.0) * 2).T.view(np.uint32)
+    )
+    assert " conditional(" in fn.lower(x).compile().as_text()
 
 
 @pytest.mark.parametrize("tile", ["winograd2", "winograd4"])

@@ -10,7 +10,8 @@ CPU ("fast") path therefore uses:
   XLA does;
 * avg-pool: a sum of strided window slices (or a reshape-sum);
 * convolution: XLA's forward and input gradient, and the kernel gradient as patches + one matmul,
-  chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes; the
+  chunked over the batch so that a chunk's patches never exceed `patch_bytes_limit()` bytes (or XLA's
+  own, where that measured faster: 3x3 kernels with 64+ input channels, under `runtime.tune_xla`); the
   forward pass of few-input-channel convolutions (first layers) as a sum over kernel taps, where
   XLA:CPU's convolution is slowest (7x slower for a 3x3 grayscale first layer); and float32 3x3
   stride-1 convolutions, for the passes and sizes where it measured faster, by Winograd's F(2x2, 3x3)
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from medjax import runtime
 from medjax.models import winograd
 
 IMPLEMENTATIONS = ("auto", "xla", "fast")
@@ -51,6 +53,8 @@ _DEPTHWISE_CHUNK = 4
 # 7x7x1 stride 2 -> 64 channels (49 terms) 4.8 -> 7.8 ms. 1x1 convolutions stay matmuls (16 -> 96
 # channels at 32x32: 0.63 -> 1.04 ms at batch 32, 3.6 -> 2.1 ms at batch 128).
 _TAP_SUM_MAX_TERMS = 27
+# The fewest input channels for XLA's own kernel gradient of a 3x3 convolution; see _kernel_grad_method.
+_NATIVE_KERNEL_GRAD_MIN_CHANNELS = 64
 # The fewest channels (min(cin, cout)) for a Winograd convolution; see _winograd_method.
 _WINOGRAD_MIN_CHANNELS = 32
 _WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}
@@ -378,7 +382,8 @@ def conv_weight_grad(x, g, kernel_shape, strides, pads, precision=None) -> jnp.n
 
     The patches are built channel-major, [kh * kw * cin, images * oh * ow], so that the product is a
     plain row-major matmul (measured 1.3-2x faster than contracting pixel-major patches, and up to 3x
-    faster than XLA:CPU's own kernel gradient). One chunk's patches and cotangent rows hold at most
+    faster than the kernel gradient of YNNPACK's convolutions; see `_kernel_grad_method` for XLA's own
+    convolution kernels). One chunk's patches and cotangent rows hold at most
     `patch_bytes_limit()` bytes together (one image at the least): memory stays bounded and both are
     still in cache when the matmul reads them (counting the cotangent too: a 3x3 1 -> 16 channel layer at
     64x64, batch 128, 7.0 -> 5.9 ms; paper CNN steps 1.02-1.06x, ResNet-18 7x7 1.01-1.12x in paired
@@ -472,6 +477,19 @@ def _fast_conv_fwd(x, kernel, strides, pads, precision, plan):
     return _conv(x, kernel, strides, pads, precision, plan.forward), (x, kernel)
 
 
+def _unfused(x: jnp.ndarray) -> jnp.ndarray:
+    """x, read from its own buffer by its consumers instead of recomputed inside them.
+
+    XLA:CPU fuses a cheap producer (a backward pass's replayed batch norm + ReLU + max-pool) into each
+    consumer; into a transpose it then recomputes x in the transposed order (the paper CNN's second
+    layer, x transposed to [cin, h, w, images]: 17.4 ms instead of 3.5). An optimization barrier does not
+    stop that (XLA:CPU removes barriers before fusion); a conditional does, since fusion never crosses
+    one. Its branches differ in form only (v * 1 is v, bit for bit), so that the conditional is kept.
+    """
+    first = x[(0,) * x.ndim]
+    return lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
+
+
 def _fast_conv_bwd(strides, pads, precision, plan, residuals, g):
     x, kernel = residuals
     if plan.input_grad.startswith("winograd"):
@@ -485,6 +503,11 @@ def _fast_conv_bwd(strides, pads, precision, plan, residuals, g):
         dx = x_vjp(g)[0]
     if plan.kernel_grad.startswith("winograd"):
         dk = winograd_kernel_grad(x, g, pads, _WINOGRAD_TILES[plan.kernel_grad], precision)
+    elif plan.kernel_grad == "native":
+        # XLA:CPU transposes x to [cin, h, w, images] for this convolution.
+        x_whole = _unfused(x)
+        _, kernel_vjp = jax.vjp(lambda k: _native_conv(x_whole, k, strides, pads, precision), kernel)
+        dk = kernel_vjp(g)[0]
     else:
         dk = conv_weight_grad(x, g, kernel.shape, strides, pads, precision)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
@@ -501,7 +524,8 @@ _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
 class ConvPlan(NamedTuple):
     """How `fast_conv` computes each pass: forward ('native', 'patches', 'taps', 'winograd2',
     'winograd4'), input gradient ('native', 'patches', 'winograd2', 'winograd4') and kernel gradient
-    ('patches', 'winograd2', 'winograd4'). 'patches' in the kernel gradient is `conv_weight_grad`."""
+    ('native', 'patches', 'winograd2', 'winograd4'). 'patches' in the kernel gradient is
+    `conv_weight_grad`."""
 
     forward: str
     input_grad: str
@@ -543,16 +567,40 @@ def _winograd_method(cin: int, cout: int, out_hw: int, pass_: str) -> Optional[s
     return None
 
 
+def _kernel_grad_method(kernel_shape) -> str:
+    """The kernel gradient's method where Winograd does not apply: XLA's own ('native') for 3x3 kernels
+    with 64 or more input channels when XLA:CPU runs convolutions with its own kernels
+    (`runtime.xla_own_convolutions`), else `conv_weight_grad` ('patches').
+
+    Measured on this project's 2-core AVX-512 CPU (batch 128, each jitted alone, alternating, ms for
+    patches -> XLA's own; in brackets with the two vCPUs far apart, see README): 3x3/2, 64 -> 128 at
+    16x16: 5.4 -> 5.0 (8.3 -> 6.3); at 32x32: 24.4 -> 20.6 (29.4 -> 24.1); 4x4, 256: 6.6 -> 5.7 (9.1 ->
+    6.5); 2x2, 512: 6.9 -> 5.5 (9.1 -> 5.9). Whole train steps, alternating live workers: ResNet-18 7x7
+    1.04x (19 of 20 blocks faster) and 1.02x / 1.07x near / far in an earlier run (all 20), ResNet-18 3x3
+    1.025x (8 of 10), peak RSS 1-7% lower. At 16 input channels (the paper CNN's second layer) XLA's
+    own is faster alone (32x32, 16 -> 32: 8.4 -> 7.4, far 16.0 -> 10.1) but not in the paper CNN's step
+    (0.975x): the transposes XLA adds around it cost more there. Patches stay faster for one input
+    channel (3x3 at 64x64 to 16 channels: 3.3 vs 5.1; ResNet's 7x7/2 stem about even near, 8.1 vs 9.4
+    far) and for 1x1 convolutions (mixed: 0.85 vs 1.9 at 16x16, 9.1 vs 7.5 at 32x32). With YNNPACK's
+    convolutions the patches win: 32x32, 16 -> 32: 8.9 vs 13.4; 3x3/2, 64 -> 128: 6.6 vs 8.9.
+    """
+    kh, kw, cin, _ = kernel_shape
+    if (kh, kw) == (3, 3) and cin >= _NATIVE_KERNEL_GRAD_MIN_CHANNELS and runtime.xla_own_convolutions():
+        return "native"
+    return "patches"
+
+
 def conv_plan(x_shape, kernel_shape, strides, pads, dtype=jnp.float32) -> ConvPlan:
     """Which method `fast_conv` uses for the forward pass, the input gradient and the kernel gradient."""
     window = max(kernel_shape[:2])
     out = [_out_size(x_shape[1 + d] + sum(pads[d]), kernel_shape[d], strides[d]) for d in range(2)]
+    kernel_grad = _kernel_grad_method(kernel_shape)
     if min(x_shape[1], x_shape[2], *out) < window:
-        return ConvPlan("patches", "patches", "patches")
+        return ConvPlan("patches", "patches", kernel_grad)
     taps = kernel_shape[0] * kernel_shape[1]
     if taps > 1 and taps * kernel_shape[2] <= _TAP_SUM_MAX_TERMS:  # 1x1 convolutions are plain matmuls.
-        return ConvPlan("taps", "native", "patches")  # (A first layer's input gradient is pruned.)
-    plan = ConvPlan("native", "native", "patches")
+        return ConvPlan("taps", "native", kernel_grad)  # (A first layer's input gradient is pruned.)
+    plan = ConvPlan("native", "native", kernel_grad)
     winograd_ok = (
         tuple(kernel_shape[:2]) == (3, 3)
         and tuple(strides) == (1, 1)
@@ -572,7 +620,8 @@ def conv_plan(x_shape, kernel_shape, strides, pads, dtype=jnp.float32) -> ConvPl
 
 def fast_conv(x, kernel, strides, pads, precision=None) -> jnp.ndarray:
     """2-D NHWC/HWIO convolution for CPU, each pass by the method `conv_plan` picks:
-    * by default XLA's forward and input gradient, and `conv_weight_grad` for the kernel gradient;
+    * by default XLA's forward and input gradient, and for the kernel gradient XLA's own or
+      `conv_weight_grad`, whichever measured faster (`_kernel_grad_method`);
     * where a spatial extent of the input or output is smaller than the kernel, patches @ kernel (and its
       transpose): XLA:CPU falls off its fast convolution there (measured 50-80x slower for ResNet-18's
       2x2 last stage); such patch tensors are small;
