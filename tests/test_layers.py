@@ -119,11 +119,7 @@ def test_kernel_gradient_is_xla_s_own_where_it_measured_faster(
     monkeypatch, x_shape, kernel_shape, strides, plan
 ):
     """Only with XLA's own convolution kernels (as runtime.tune_xla sets); YNNPACK's were slower."""
-    pads = (
-        ((1, 1), (1, 1))
-        if kernel_shape[0] == 3
-        else ((3, 3), (3, 3)) if kernel_shape[0] == 7 else ((0, 0),) * 2
-    )
+    pads = {1: ((0, 0),) * 2, 3: ((1, 1),) * 2, 7: ((3, 3),) * 2}[kernel_shape[0]]
     monkeypatch.setenv("XLA_FLAGS", runtime.XLA_CPU_FLAGS)
     assert layers.conv_plan(x_shape, kernel_shape, strides, pads) == layers.ConvPlan(*plan)
     monkeypatch.delenv("XLA_FLAGS")
@@ -142,10 +138,9 @@ def test_native_kernel_gradient_matches_flax_conv(monkeypatch, shape, kwargs):
     monkeypatch.setenv("XLA_FLAGS", runtime.XLA_CPU_FLAGS)
     x = jax.random.normal(jax.random.key(0), shape)
     native, ours = nn.Conv(**kwargs), layers.Conv(**kwargs)
-    pads = layers._explicit_padding(
-        kwargs.get("padding", "SAME"), shape[1:3], (3, 3), layers._pairs(kwargs.get("strides", 1), 2)
-    )
-    plan = layers.conv_plan(shape, (3, 3, shape[3], 8), layers._pairs(kwargs.get("strides", 1), 2), pads)
+    strides = layers._pairs(kwargs.get("strides", 1), 2)
+    pads = layers._explicit_padding(kwargs.get("padding", "SAME"), shape[1:3], (3, 3), strides)
+    plan = layers.conv_plan(shape, (3, 3, shape[3], 8), strides, pads)
     assert plan.kernel_grad == "native", plan
     variables = native.init(jax.random.key(1), x)
     with layers.implementation("fast"):
