@@ -84,6 +84,8 @@ status = "not called"
 
 XLA_SWITCH = "MEDJAX_TUNE_XLA"
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# YNN_FUSION_FLAG's value that takes convolutions away from YNNPACK (to XLA:CPU's own kernels).
+YNN_WITHOUT_CONVOLUTIONS = "-individual_convolution"
 VECTOR_WIDTH_FLAG = "xla_cpu_prefer_vector_width"
 FUSION_EMITTERS_FLAG = "xla_cpu_use_fusion_emitters"
 # XLA:CPU options for compiling a model's steps, by config.model.name (see cpu_compiler_options).
@@ -103,7 +105,7 @@ def _xla_cpu_flags() -> dict:
     """The XLA:CPU flags `tune_xla` adds on this machine, name -> value."""
     # Leaves convolutions to XLA:CPU's own (Eigen) kernels; dots, reductions and elementwise ops stay in
     # YNNPACK.
-    flags = {YNN_FUSION_FLAG: "-individual_convolution"}
+    flags = {YNN_FUSION_FLAG: YNN_WITHOUT_CONVOLUTIONS}
     if _has_avx512():
         # XLA's own loops (fusions) in 512-bit vectors instead of XLA's default 256 (see tune_xla).
         flags[VECTOR_WIDTH_FLAG] = "512"
@@ -122,12 +124,12 @@ dispatch_status = "not called"
 
 def xla_own_convolutions(environ=None) -> bool:
     """Whether XLA_FLAGS hands convolutions to XLA:CPU's own kernels rather than YNNPACK's, as `tune_xla`
-    does (its `-individual_convolution` value). Which of the two runs them changes which convolution
+    does (its YNN_WITHOUT_CONVOLUTIONS value). Which of the two runs them changes which convolution
     method is fastest, so `medjax.models.layers` asks when it plans a convolution."""
     environ = os.environ if environ is None else environ
     prefix = f"--{YNN_FUSION_FLAG}="
     values = [flag[len(prefix) :] for flag in environ.get("XLA_FLAGS", "").split() if flag.startswith(prefix)]
-    return bool(values) and "-individual_convolution" in values[-1].split(",")
+    return bool(values) and YNN_WITHOUT_CONVOLUTIONS in values[-1].split(",")
 
 
 def tune_allocator(environ=None, reexec: bool = True) -> str:
