@@ -88,8 +88,11 @@ YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 YNN_WITHOUT_CONVOLUTIONS = "-individual_convolution"
 VECTOR_WIDTH_FLAG = "xla_cpu_prefer_vector_width"
 FUSION_EMITTERS_FLAG = "xla_cpu_use_fusion_emitters"
+# YNN_FUSION_FLAG as a per-compilation option: the list of operation types YNNPACK takes (it replaces
+# the XLA_FLAGS list); reductions only leaves both convolutions and dots to XLA:CPU's own kernels.
+YNN_REDUCTIONS_ONLY = "LIBRARY_FUSION_TYPE_REDUCE"
 # XLA:CPU options for compiling a model's steps, by config.model.name (see cpu_compiler_options).
-MODEL_XLA_CPU_OPTIONS = {"paper_cnn": {FUSION_EMITTERS_FLAG: False}}
+MODEL_XLA_CPU_OPTIONS = {"paper_cnn": {FUSION_EMITTERS_FLAG: False, YNN_FUSION_FLAG: YNN_REDUCTIONS_ONLY}}
 
 
 def _has_avx512() -> bool:
@@ -122,14 +125,22 @@ DISPATCH_SWITCH = "MEDJAX_TUNE_DISPATCH"
 dispatch_status = "not called"
 
 
+def _xla_flag_values(flags: str) -> dict:
+    """XLA_FLAGS' --name=value entries, name -> value (the last one where a name repeats)."""
+    values = {}
+    for flag in flags.split():
+        name, _, value = flag.removeprefix("--").partition("=")
+        values[name] = value
+    return values
+
+
 def xla_own_convolutions(environ=None) -> bool:
     """Whether XLA_FLAGS hands convolutions to XLA:CPU's own kernels rather than YNNPACK's, as `tune_xla`
     does (its YNN_WITHOUT_CONVOLUTIONS value). Which of the two runs them changes which convolution
     method is fastest, so `medjax.models.layers` asks when it plans a convolution."""
     environ = os.environ if environ is None else environ
-    prefix = f"--{YNN_FUSION_FLAG}="
-    values = [flag[len(prefix) :] for flag in environ.get("XLA_FLAGS", "").split() if flag.startswith(prefix)]
-    return bool(values) and YNN_WITHOUT_CONVOLUTIONS in values[-1].split(",")
+    value = _xla_flag_values(environ.get("XLA_FLAGS", "")).get(YNN_FUSION_FLAG)
+    return value is not None and YNN_WITHOUT_CONVOLUTIONS in value.split(",")
 
 
 def tune_allocator(environ=None, reexec: bool = True) -> str:
@@ -199,24 +210,35 @@ def tune_xla(environ=None) -> str:
 
 def cpu_compiler_options(model_name: str) -> dict:
     """XLA options for `jax.jit(..., compiler_options=...)` of model `model_name`'s train and eval steps:
-    `MODEL_XLA_CPU_OPTIONS[model_name]` when JAX's backend is the CPU, less any option that XLA_FLAGS names
-    (the user's value stands); none if MEDJAX_TUNE_XLA=0 or on GPU/TPU.
+    `MODEL_XLA_CPU_OPTIONS[model_name]` when JAX's backend is the CPU, less any option that XLA_FLAGS sets
+    to a value of the user's (a value `tune_xla` put there may be refined per model); none if
+    MEDJAX_TUNE_XLA=0 or on GPU/TPU.
 
     The paper CNN's fusions (batch norm, ReLU and pooling, kernel-gradient patches, the optimizer update)
     are compiled by XLA's LLVM IR emitters instead of its newer MLIR ones (`xla_cpu_use_fusion_emitters`
     false). Its train step, in alternating processes on this project's 2-core Zen 5: faster in 15 of 16
     pairs, 2,254-2,400 vs 2,180-2,287 images/s in the fast-mode ones (+4-5% on the median), compile 2.6
     instead of 4.4 s. ResNet-18 ran slower with them (7x7 stem 356-365 vs 368-380 images/s, 3x3 stem 23
-    vs 25-27), so other models keep XLA's default. A per-compilation option, unlike an XLA_FLAGS entry,
-    leaves every other program in the process alone.
+    vs 25-27), so other models keep XLA's default.
+
+    The paper CNN's matmuls (the kernel-gradient patches times the cotangent, Winograd's products, the
+    dense layers) are XLA's own (Eigen's) instead of YNNPACK's: YNNPACK keeps reductions only
+    (`YNN_REDUCTIONS_ONLY`). Alternating live workers: 1.06x (faster in 16 of 16 blocks, 2,482 vs 2,347
+    images/s) and 1.05x (14 of 14). ResNet-18 7x7 ran 0.96x with it (0 of 12 blocks faster), so it
+    keeps YNNPACK's matmuls. A per-compilation option, unlike an XLA_FLAGS entry, leaves every other
+    program in the process alone.
     """
     import jax
 
     if os.environ.get(XLA_SWITCH, "1") == "0" or jax.default_backend() != "cpu":
         return {}
-    flags = os.environ.get("XLA_FLAGS", "")
+    flags = _xla_flag_values(os.environ.get("XLA_FLAGS", ""))
     options = MODEL_XLA_CPU_OPTIONS.get(model_name, {})
-    return {name: value for name, value in options.items() if name not in flags}
+    return {
+        name: value
+        for name, value in options.items()
+        if name not in flags or flags[name] == _XLA_CPU_FLAG_VALUES.get(name)
+    }
 
 
 def tune_dispatch() -> str:

@@ -200,14 +200,24 @@ def test_cpu_compiler_options_are_per_model_leave_the_user_s_flags_and_compile(m
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv(runtime.XLA_SWITCH, raising=False)
     options = runtime.cpu_compiler_options("paper_cnn")
-    assert options == {runtime.FUSION_EMITTERS_FLAG: False}
-    assert runtime.cpu_compiler_options("resnet18") == {}  # Measured slower with it: XLA's default.
-    # This jaxlib knows the option (an unknown one is an error) and compiles with it.
+    assert options == {
+        runtime.FUSION_EMITTERS_FLAG: False,
+        runtime.YNN_FUSION_FLAG: runtime.YNN_REDUCTIONS_ONLY,
+    }
+    assert runtime.cpu_compiler_options("resnet18") == {}  # Measured slower with them: XLA's default.
+    # This jaxlib knows the options and their values (an unknown one is an error) and compiles with them.
     assert float(jax.jit(lambda x: jnp.sum(jnp.tanh(x)), compiler_options=options)(jnp.zeros(8))) == 0.0
     with pytest.raises(Exception, match="No such compile option"):
         jax.jit(lambda x: x, compiler_options={"xla_cpu_no_such_option": False})(jnp.zeros(2))
+    with pytest.raises(Exception, match="not a valid enum value"):
+        jax.jit(lambda x: x, compiler_options={runtime.YNN_FUSION_FLAG: "-individual_dot"})(jnp.zeros(2))
+    # tune_xla's own XLA_FLAGS value is refined per model; a value of the user's stands.
+    monkeypatch.setenv("XLA_FLAGS", runtime.XLA_CPU_FLAGS)
+    assert runtime.cpu_compiler_options("paper_cnn") == options
+    monkeypatch.setenv("XLA_FLAGS", f"--{runtime.YNN_FUSION_FLAG}=-individual_dot --xla_dump_to=/tmp/x")
+    assert runtime.cpu_compiler_options("paper_cnn") == {runtime.FUSION_EMITTERS_FLAG: False}
     monkeypatch.setenv("XLA_FLAGS", f"--{runtime.FUSION_EMITTERS_FLAG}=true")
-    assert runtime.cpu_compiler_options("paper_cnn") == {}  # The user's XLA_FLAGS value stands.
+    assert runtime.cpu_compiler_options("paper_cnn") == {runtime.YNN_FUSION_FLAG: runtime.YNN_REDUCTIONS_ONLY}
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setenv(runtime.XLA_SWITCH, "0")
     assert runtime.cpu_compiler_options("paper_cnn") == {}
@@ -225,7 +235,8 @@ def test_tune_xla_is_too_late_once_jax_has_started(monkeypatch):
 
 def test_tuned_xla_compiles_convolutions_natively_and_dots_with_its_library():
     """The flag does what tune_xla's docstring says in this jaxlib: the convolution is XLA's own op, the
-    matmul still a YNNPACK fusion (if a jaxlib renames or drops the flag, this fails)."""
+    matmul and the reduction still YNNPACK fusions; with the paper CNN's compile options the matmul is
+    XLA's own too (if a jaxlib renames or drops the flag or its values, this fails)."""
     code = textwrap.dedent("""
         import json
         from medjax import runtime
@@ -235,25 +246,37 @@ def test_tuned_xla_compiles_convolutions_natively_and_dots_with_its_library():
 
         def f(x, k, a):
             y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return y, a @ a
+            return y, a @ a, jnp.sum(a * a, axis=0)
 
-        args = (jnp.ones((8, 16, 16, 16)), jnp.ones((3, 3, 16, 32)), jnp.ones((64, 64)))
-        hlo = jax.jit(f).lower(*args).compile().as_text()
-        lines = [line for line in hlo.splitlines() if "op_name=" in line]
+        def compiled_ops(**options):
+            args = (jnp.ones((8, 16, 16, 16)), jnp.ones((3, 3, 16, 32)), jnp.ones((64, 64)))
+            hlo = jax.jit(f, **options).lower(*args).compile().as_text()
+            lines = [line for line in hlo.splitlines() if "op_name=" in line]
 
-        def opcode(line):  # "%name = f32[...]{...} convolution(%x, ...), ..." -> "convolution"
-            return line.split(" = ", 1)[1].split("(", 1)[0].split()[-1]
+            def opcode(line):  # "%name = f32[...]{...} convolution(%x, ...), ..." -> "convolution"
+                return line.split(" = ", 1)[1].split("(", 1)[0].split()[-1]
+
+            return {
+                "conv": [opcode(line) for line in lines if "conv_general" in line],
+                "dot_in_ynn": any("ynn_fusion" in line and "dot_general" in line for line in lines),
+                "reduce_in_ynn": any("ynn_fusion" in line and "reduce_sum" in line for line in lines),
+            }
 
         print(json.dumps({
             "status": status,
-            "conv": [opcode(line) for line in lines if "conv_general" in line],
-            "dot_in_ynn": any("ynn_fusion" in line and "dot_general" in line for line in lines),
+            "default": compiled_ops(),
+            "paper_cnn": compiled_ops(compiler_options=runtime.cpu_compiler_options("paper_cnn")),
         }))
         """)
     result = _run_fresh_process(code, drop=("XLA_FLAGS", runtime.XLA_SWITCH))
     assert result["status"].startswith("XLA_FLAGS="), result
-    assert result["conv"] == ["convolution"], result
-    assert result["dot_in_ynn"], result
+    assert result["default"] == {"conv": ["convolution"], "dot_in_ynn": True, "reduce_in_ynn": True}, result
+    # The paper CNN's per-model option leaves matmuls to XLA too, and reductions to YNNPACK.
+    assert result["paper_cnn"] == {
+        "conv": ["convolution"],
+        "dot_in_ynn": False,
+        "reduce_in_ynn": True,
+    }, result
 
 
 def test_tune_dispatch_needs_the_tunables_a_live_switch_and_an_unstarted_backend(monkeypatch):
