@@ -15,7 +15,10 @@ Rerun 2026-12-01 with the README's quick-start command on a fresh clone, idle ma
 accuracy 99.964% (5496 of 5498), macro AUC 1.0, final validation accuracy 99.982%;
 110 s from loading the data to the final test report (first step with compilation 2.4 s, ~2,250 img/s
 in steady epochs), 1 min 58 s for the whole command including pip and imports, TFDS data already
-prepared.
+prepared. Rerun 2026-12-01 (twelfth session, XLA's own matmuls for this model, see README), same command
+on a fresh machine, seed 0: test accuracy 99.945% (5495 of 5498), macro AUC 1.0, final validation
+accuracy 99.982%; 119.3 s from start to the final test report including the first TFDS preparation
+(19.3 s), ~2,100-2,200 img/s in the logged steady steps.
 """
 
 import ml_collections
