@@ -195,7 +195,8 @@ def tune_xla(environ=None) -> str:
     real_environment = environ is None
     environ = os.environ if environ is None else environ
     flags = environ.get("XLA_FLAGS", "")
-    missing = [f"--{name}={value}" for name, value in _XLA_CPU_FLAG_VALUES.items() if name not in flags]
+    named = _xla_flag_values(flags)
+    missing = [f"--{name}={value}" for name, value in _XLA_CPU_FLAG_VALUES.items() if name not in named]
     if environ.get(XLA_SWITCH, "1") == "0":
         xla_status = f"unchanged ({XLA_SWITCH}=0)"
     elif not missing:
