@@ -103,7 +103,7 @@ def prepare_medjax(spec: dict):
     import jax
     import numpy as np
 
-    from medjax import models, runtime, steps
+    from medjax import models, native, runtime, steps
     from medjax.models import layers
 
     config = model_config(spec["model"], spec.get("dtype", "float32"))
@@ -145,7 +145,12 @@ def prepare_medjax(spec: dict):
 
     for _ in range(spec["warmup"]):
         step()
-    info = {"compile_s": compile_s, "num_params": num_params, "compiler_options": compiler_options}
+    info = {
+        "compile_s": compile_s,
+        "num_params": num_params,
+        "compiler_options": compiler_options,
+        "native_kernels": native.status,
+    }
     return step, info
 
 

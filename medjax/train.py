@@ -18,6 +18,7 @@ from medjax import evaluation
 from medjax import files
 from medjax import input_pipeline
 from medjax import models
+from medjax import native
 from medjax import runtime
 from medjax import sharding
 from medjax import steps
@@ -212,7 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, step_metrics = train_step(state, sharding.to_global(local_batch, mesh))
         history.append(step_metrics)
         if step == start_step + 1:
-            logging.info("First step (compile included) done in %.1fs.", time.time() - last_log[1])
+            logging.info(
+                "First step (compile included) done in %.1fs; medjax's C++ kernels: %s.",
+                time.time() - last_log[1],
+                native.status,
+            )
             runtime.release_free_memory()  # What compiling left free in the heap.
         if step % config.train.log_every_steps == 0 or step == total_steps:
             summary = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}

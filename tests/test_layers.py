@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 from configs import quick
-from medjax import models, runtime
+from medjax import models, native, runtime
 from medjax.models import layers, winograd
+
+# The kernel-gradient method where medjax's fused C++ kernel applies (tests/test_native.py checks that it
+# is built wherever a C++ compiler is found).
+FUSED = "fused" if native.available() else "patches"
 
 
 def _assert_close(actual, expected, rtol=1e-5):
@@ -66,10 +70,10 @@ CONV_CASES = [
 @pytest.mark.parametrize(
     "x_shape,kernel_shape,strides,plan",
     [
-        ((128, 64, 64, 1), (3, 3, 1, 16), (1, 1), ("taps", "native", "patches")),  # Paper CNN, first layer.
-        ((128, 64, 64, 3), (3, 3, 3, 32), (2, 2), ("taps", "native", "patches")),
-        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), ("native", "native", "patches")),  # 7x7 stem: 49 terms.
-        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), ("native", "native", "patches")),
+        ((128, 64, 64, 1), (3, 3, 1, 16), (1, 1), ("taps", "native", FUSED)),  # Paper CNN, first layer.
+        ((128, 64, 64, 3), (3, 3, 3, 32), (2, 2), ("taps", "native", FUSED)),
+        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), ("native", "native", FUSED)),  # 7x7 stem: 49 terms.
+        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), ("native", "native", FUSED)),
         ((128, 32, 32, 16), (1, 1, 16, 96), (1, 1), ("native", "native", "patches")),  # 1x1: a matmul.
         ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), ("patches", "patches", "patches")),
         # Winograd where it measured faster: the paper CNN's third and fourth layers, ResNet-18's stages.
@@ -84,7 +88,7 @@ CONV_CASES = [
         ((128, 32, 32, 128), (3, 3, 128, 128), (1, 1), ("winograd4", "winograd4", "winograd4")),
         ((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), ("winograd4", "winograd4", "winograd4")),
         ((128, 64, 64, 64), (3, 3, 64, 64), (1, 1), ("winograd4", "winograd4", "winograd4")),
-        ((128, 64, 64, 16), (3, 3, 16, 16), (1, 1), ("native", "native", "patches")),
+        ((128, 64, 64, 16), (3, 3, 16, 16), (1, 1), ("native", "native", FUSED)),
         ((128, 16, 16, 64), (3, 3, 64, 128), (2, 2), ("native", "native", "patches")),  # Strided.
     ],
 )
@@ -109,9 +113,9 @@ def test_winograd_only_for_float32_and_when_allowed():
         ((128, 16, 16, 64), (3, 3, 64, 128), (2, 2), ("native", "native", "native")),  # ResNet-18 7x7.
         ((128, 4, 4, 256), (3, 3, 256, 256), (1, 1), ("native", "native", "native")),
         ((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), ("patches", "patches", "native")),
-        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), ("native", "native", "patches")),  # Paper CNN.
+        ((128, 32, 32, 16), (3, 3, 16, 32), (1, 1), ("native", "native", FUSED)),  # Paper CNN.
         ((128, 16, 16, 64), (1, 1, 64, 128), (2, 2), ("native", "native", "patches")),  # 1x1.
-        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), ("native", "native", "patches")),
+        ((128, 64, 64, 1), (7, 7, 1, 64), (2, 2), ("native", "native", FUSED)),
         ((128, 16, 16, 64), (3, 3, 64, 64), (1, 1), ("native", "winograd4", "winograd4")),
     ],
 )

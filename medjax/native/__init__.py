@@ -1,0 +1,118 @@
+"""medjax's C++ kernels for XLA:CPU, called through XLA's FFI.
+
+The one kernel so far, `conv_kernel_grad`, computes a convolution's kernel gradient straight from the
+padded input and the output cotangent (`kernel_grad.cc`), without building patches. It is compiled on
+first use with the machine's C++ compiler for the machine's CPU (`-march=native`) into a cache directory
+(MEDJAX_NATIVE_CACHE, default ~/.cache/medjax/native), keyed by the source, jaxlib's version and the CPU,
+and registered as an FFI target. Where that fails (no compiler, no writable cache, another platform),
+`available()` is False, says why in `status`, and medjax's layers keep their pure-JAX methods.
+MEDJAX_NATIVE=0 turns the kernels off.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import jax
+import jaxlib
+import jax.numpy as jnp
+
+ENV_SWITCH = "MEDJAX_NATIVE"
+CACHE_ENV = "MEDJAX_NATIVE_CACHE"
+TARGET = "medjax_conv_kernel_grad"
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_grad.cc")
+# Output channels are taken 16 (one 512-bit vector of float32) at a time.
+COUT_MULTIPLE = 16
+
+status = "not loaded"
+_loaded: Optional[bool] = None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (the library is built for this CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _library_path() -> str:
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(
+        source + jaxlib.__version__.encode() + platform.machine().encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    cache = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "medjax", "native")
+    return os.path.join(cache, f"kernel_grad_{key}.so")
+
+
+def _compile(path: str) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Built under a temporary name and renamed, so that concurrent processes never load a partial file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+    command += ["-I", jax.ffi.include_dir(), _SOURCE, "-o", partial]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def available() -> bool:
+    """Whether the kernels are built and registered (builds them on the first call)."""
+    global _loaded, status
+    if _loaded is not None:
+        return _loaded
+    _loaded = False
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        status = f"off ({ENV_SWITCH}=0)"
+        return False
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        status = f"not built (platform {platform.system()} {platform.machine()})"
+        return False
+    try:
+        path = _library_path()
+        if not os.path.exists(path):
+            _compile(path)
+        library = ctypes.CDLL(path)
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MedjaxConvKernelGrad), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as error:
+        status = f"not built ({error})"
+        return False
+    _loaded = True
+    status = f"loaded from {path}"
+    return True
+
+
+def supports(kernel_shape, dtype) -> bool:
+    """Whether `conv_kernel_grad` takes this kernel shape and dtype."""
+    return jnp.dtype(dtype) == jnp.float32 and kernel_shape[3] % COUT_MULTIPLE == 0
+
+
+def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
+    """Kernel cotangent [kh, kw, cin, cout] of a 2-D NHWC/HWIO float32 convolution of x [n, h, w, cin]
+    with `strides` and explicit `pads`, given its output cotangent g [n, oh, ow, cout] (XLA:CPU only;
+    check `available()` and `supports()` first)."""
+    kh, kw, cin, cout = kernel_shape
+    if not supports(kernel_shape, x.dtype) or g.dtype != jnp.float32:
+        raise ValueError(f"conv_kernel_grad: unsupported kernel {kernel_shape} or dtypes {x.dtype}/{g.dtype}")
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    dk = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((kh * kw * cin, cout), jnp.float32))(
+        xp, g, kh=kh, kw=kw, sh=strides[0], sw=strides[1]
+    )
+    return dk.reshape(kernel_shape)

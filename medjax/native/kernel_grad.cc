@@ -1,0 +1,134 @@
+// medjax's fused convolution kernel gradient for XLA:CPU (an XLA FFI custom call).
+//
+// dk[(i, j, c), o] = sum over images n and output pixels (y, x) of
+//     xp[n, y * sh + i, x * sw + j, c] * g[n, y, x, o]
+// for an already padded NHWC input xp [n, hp, wp, cin] and the NHWC output cotangent g [n, oh, ow, cout],
+// read in place: no patches are built. Rows (i, j, c) are taken a register block at a time (R rows by NV
+// vectors of 16 output channels), so each pixel's cotangent vector is loaded once per block and every
+// row's input value is one broadcast. The images are split into parts that run on XLA's intra-op
+// threads; each part sums into its own buffer, added up at the end (float32 throughout).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+struct Geometry {
+  int64_t n, hp, wp, cin, oh, ow, cout, kh, kw, sh, sw;
+};
+
+// Adds images [n0, n1)'s products for rows [r0, r0 + rows) (rows <= R) and output channels
+// [o0, o0 + 16 * NV) into dk ([kh * kw * cin, cout]).
+template <int NV, int R>
+void AccumulateBlock(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n0, int64_t n1,
+                     int64_t r0, int64_t rows, int64_t o0) {
+  int64_t offset[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = r0 + std::min<int64_t>(r, rows - 1);  // Spare slots repeat the last row.
+    const int64_t c = row % s.cin, tap = row / s.cin, i = tap / s.kw, j = tap % s.kw;
+    offset[r] = (i * s.wp + j) * s.cin + c;
+  }
+  v16 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = v16{};
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t y = 0; y < s.oh; ++y) {
+      const float* g_row = g + ((n * s.oh + y) * s.ow) * s.cout + o0;
+      const float* x_row = xp + ((n * s.hp + y * s.sh) * s.wp) * s.cin;
+      for (int64_t x = 0; x < s.ow; ++x) {
+        v16 gv[NV];
+        for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], g_row + x * s.cout + 16 * v, sizeof(v16));
+        const float* base = x_row + x * s.sw * s.cin;
+        for (int r = 0; r < R; ++r) {
+          const float b = base[offset[r]];
+          for (int v = 0; v < NV; ++v) acc[r][v] += b * gv[v];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* out = dk + (r0 + r) * s.cout + o0 + 16 * v;
+      for (int k = 0; k < 16; ++k) out[k] += acc[r][v][k];
+    }
+}
+
+template <int NV, int R>
+void AccumulateRows(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n0, int64_t n1,
+                    int64_t o0) {
+  const int64_t total = s.kh * s.kw * s.cin;
+  for (int64_t r0 = 0; r0 < total; r0 += R)
+    AccumulateBlock<NV, R>(s, xp, g, dk, n0, n1, r0, std::min<int64_t>(R, total - r0), o0);
+}
+
+// One image at a time, so that its cotangent stays in cache across the row blocks.
+void AccumulateImages(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t o0 = 0;
+    for (; o0 + 32 <= s.cout; o0 += 32) AccumulateRows<2, 12>(s, xp, g, dk, n, n + 1, o0);
+    if (o0 < s.cout) AccumulateRows<1, 12>(s, xp, g, dk, n, n + 1, o0);
+  }
+}
+
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> g,
+                          ffi::ResultBuffer<ffi::F32> dk, int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
+  const auto xd = xp.dimensions(), gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0]) {
+    return ffi::Error::InvalidArgument("medjax_conv_kernel_grad: expected NHWC xp and g with equal batch");
+  }
+  const Geometry s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], kh, kw, sh, sw};
+  if (s.cout % 16 != 0 || (s.oh - 1) * sh + kh > s.hp || (s.ow - 1) * sw + kw > s.wp) {
+    return ffi::Error::InvalidArgument("medjax_conv_kernel_grad: unsupported shapes");
+  }
+  const int64_t size = kh * kw * s.cin * s.cout;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(s.n, std::max<int64_t>(1, pool.num_threads())));
+
+  // Parts are claimed from a shared counter by the calling thread and by helper tasks on the pool; the
+  // caller waits only for parts that a running helper has claimed, so it never waits on a queued task.
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::vector<std::vector<float>> sums;
+  };
+  auto state = std::make_shared<State>();
+  state->sums.assign(parts, std::vector<float>(size, 0.0f));
+  const float* x_data = xp.typed_data();
+  const float* g_data = g.typed_data();
+  auto work = [state, s, x_data, g_data, parts]() {
+    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
+      AccumulateImages(s, x_data, g_data, state->sums[p].data(), s.n * p / parts, s.n * (p + 1) / parts);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (state->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+
+  float* out = dk->typed_data();
+  std::memcpy(out, state->sums[0].data(), size * sizeof(float));
+  for (int64_t p = 1; p < parts; ++p)
+    for (int64_t k = 0; k < size; ++k) out[k] += state->sums[p][k];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedjaxConvKernelGrad, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw"));
