@@ -70,6 +70,14 @@ def test_unsupported_shapes_and_dtypes_are_refused():
         native.conv_kernel_grad(x, jnp.zeros((1, 8, 8, 24)), (3, 3, 2, 24), (1, 1), ((1, 1), (1, 1)))
 
 
+def test_the_kernel_itself_refuses_mismatched_shapes():
+    if not native.available():
+        pytest.fail(f"the fused kernel is not built: {native.status}")
+    call = jax.ffi.ffi_call(native.TARGET, jax.ShapeDtypeStruct((9, 16), jnp.float32))
+    with pytest.raises(Exception, match="padded input 6x6 too small for a 8x8 output"):
+        call(jnp.zeros((1, 6, 6, 1)), jnp.zeros((1, 8, 8, 16)), kh=3, kw=3, sh=1, sw=1).block_until_ready()
+
+
 def test_layer_gradient_with_and_without_the_fused_kernel():
     """The paper CNN's second convolution: fused where built; the same gradient as XLA's own layer."""
     if not native.available():

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -88,10 +89,15 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::B
   }
   const Geometry s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], kh, kw, sh, sw};
   if (s.cout % 16 != 0 || (s.oh - 1) * sh + kh > s.hp || (s.ow - 1) * sw + kw > s.wp) {
-    return ffi::Error::InvalidArgument("medjax_conv_kernel_grad: unsupported shapes");
+    const auto str = [](int64_t v) { return std::to_string(v); };
+    return ffi::Error::InvalidArgument(
+        "medjax_conv_kernel_grad: padded input " + str(s.hp) + "x" + str(s.wp) + " too small for a " +
+        str(s.oh) + "x" + str(s.ow) + " output with a " + str(kh) + "x" + str(kw) + " kernel, or " +
+        str(s.cout) + " output channels (need a multiple of 16)");
   }
   const int64_t size = kh * kw * s.cin * s.cout;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(s.n, std::max<int64_t>(1, pool.num_threads())));
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(s.n, threads));  // One part if n == 0.
 
   // Parts are claimed from a shared counter by the calling thread and by helper tasks on the pool; the
   // caller waits only for parts that a running helper has claimed, so it never waits on a queued task.
