@@ -52,6 +52,7 @@ def test_built_wherever_a_compiler_is_found():
         ((2, 13, 12, 1), (7, 7, 1, 64), (2, 2), ((3, 2), (3, 3))),  # ResNet's stem, uneven pads.
         ((4, 9, 11, 3), (5, 3, 3, 48), (2, 1), ((0, 2), (1, 0))),  # 48 = 32 + 16 output channels.
         ((1, 6, 6, 20), (3, 3, 20, 16), (1, 1), ((0, 0), (0, 0))),  # VALID; 20 rows: a partial block.
+        ((2, 9, 8, 2), (3, 3, 2, 16), (1, 1), ((-1, 1), (2, -1))),  # Negative pads crop.
     ],
 )
 @needs_kernel

@@ -605,6 +605,7 @@ def _kernel_grad_method(kernel_shape, dtype=jnp.float32) -> str:
         kh * kw > 1
         and cin < _FUSED_KERNEL_GRAD_MAX_CHANNELS
         and native.supports(kernel_shape, dtype)
+        and jax.default_backend() == "cpu"  # The FFI target is registered for XLA:CPU only.
         and native.available()
     ):
         return "fused"

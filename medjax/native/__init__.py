@@ -21,6 +21,7 @@ from typing import Optional
 import jax
 import jaxlib
 import jax.numpy as jnp
+from jax import lax
 
 ENV_SWITCH = "MEDJAX_NATIVE"
 CACHE_ENV = "MEDJAX_NATIVE_CACHE"
@@ -111,7 +112,8 @@ def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
     kh, kw, cin, cout = kernel_shape
     if not supports(kernel_shape, x.dtype) or g.dtype != jnp.float32:
         raise ValueError(f"conv_kernel_grad: unsupported kernel {kernel_shape} or dtypes {x.dtype}/{g.dtype}")
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    (top, bottom), (left, right) = pads
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
     dk = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((kh * kw * cin, cout), jnp.float32))(
         xp, g, kh=kh, kw=kw, sh=strides[0], sw=strides[1]
     )
