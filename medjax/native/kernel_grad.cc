@@ -28,11 +28,11 @@ struct Geometry {
   int64_t n, hp, wp, cin, oh, ow, cout, kh, kw, sh, sw;
 };
 
-// Adds images [n0, n1)'s products for rows [r0, r0 + rows) (rows <= R) and output channels
-// [o0, o0 + 16 * NV) into dk ([kh * kw * cin, cout]).
+// Adds image n's products for rows [r0, r0 + rows) (rows <= R) and output channels [o0, o0 + 16 * NV)
+// into dk ([kh * kw * cin, cout]).
 template <int NV, int R>
-void AccumulateBlock(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n0, int64_t n1,
-                     int64_t r0, int64_t rows, int64_t o0) {
+void AccumulateBlock(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n, int64_t r0,
+                     int64_t rows, int64_t o0) {
   int64_t offset[R];
   for (int r = 0; r < R; ++r) {
     const int64_t row = r0 + std::min<int64_t>(r, rows - 1);  // Spare slots repeat the last row.
@@ -42,18 +42,16 @@ void AccumulateBlock(const Geometry& s, const float* xp, const float* g, float* 
   v16 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = v16{};
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t y = 0; y < s.oh; ++y) {
-      const float* g_row = g + ((n * s.oh + y) * s.ow) * s.cout + o0;
-      const float* x_row = xp + ((n * s.hp + y * s.sh) * s.wp) * s.cin;
-      for (int64_t x = 0; x < s.ow; ++x) {
-        v16 gv[NV];
-        for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], g_row + x * s.cout + 16 * v, sizeof(v16));
-        const float* base = x_row + x * s.sw * s.cin;
-        for (int r = 0; r < R; ++r) {
-          const float b = base[offset[r]];
-          for (int v = 0; v < NV; ++v) acc[r][v] += b * gv[v];
-        }
+  for (int64_t y = 0; y < s.oh; ++y) {
+    const float* g_row = g + ((n * s.oh + y) * s.ow) * s.cout + o0;
+    const float* x_row = xp + ((n * s.hp + y * s.sh) * s.wp) * s.cin;
+    for (int64_t x = 0; x < s.ow; ++x) {
+      v16 gv[NV];
+      for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], g_row + x * s.cout + 16 * v, sizeof(v16));
+      const float* base = x_row + x * s.sw * s.cin;
+      for (int r = 0; r < R; ++r) {
+        const float b = base[offset[r]];
+        for (int v = 0; v < NV; ++v) acc[r][v] += b * gv[v];
       }
     }
   }
@@ -65,19 +63,18 @@ void AccumulateBlock(const Geometry& s, const float* xp, const float* g, float* 
 }
 
 template <int NV, int R>
-void AccumulateRows(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n0, int64_t n1,
-                    int64_t o0) {
+void AccumulateRows(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n, int64_t o0) {
   const int64_t total = s.kh * s.kw * s.cin;
   for (int64_t r0 = 0; r0 < total; r0 += R)
-    AccumulateBlock<NV, R>(s, xp, g, dk, n0, n1, r0, std::min<int64_t>(R, total - r0), o0);
+    AccumulateBlock<NV, R>(s, xp, g, dk, n, r0, std::min<int64_t>(R, total - r0), o0);
 }
 
 // One image at a time, so that its cotangent stays in cache across the row blocks.
 void AccumulateImages(const Geometry& s, const float* xp, const float* g, float* dk, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t o0 = 0;
-    for (; o0 + 32 <= s.cout; o0 += 32) AccumulateRows<2, 12>(s, xp, g, dk, n, n + 1, o0);
-    if (o0 < s.cout) AccumulateRows<1, 12>(s, xp, g, dk, n, n + 1, o0);
+    for (; o0 + 32 <= s.cout; o0 += 32) AccumulateRows<2, 12>(s, xp, g, dk, n, o0);
+    if (o0 < s.cout) AccumulateRows<1, 12>(s, xp, g, dk, n, o0);
   }
 }
 
