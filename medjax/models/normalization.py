@@ -50,6 +50,7 @@ from flax.linen import dtypes
 from flax.linen import normalization as flax_normalization
 from jax import lax
 
+from medjax import native
 from medjax.models import layers
 
 # Monotone non-decreasing in float arithmetic, so max-pooling commutes with them.
@@ -143,6 +144,74 @@ def _replayed(forward: Callable) -> Callable:
     return replayed
 
 
+def _moments_to_variance(mean, mean_sq):
+    """flax's fast variance from the first two moments: E[x^2] - E[x]^2, clipped at zero."""
+    return jnp.maximum(0.0, mean_sq - lax.square(mean))
+
+
+@jax.custom_vjp
+def _conv_pool_moments(x, kernel, sign):
+    """(pooled, mean, mean_sq) of y = conv(x, kernel) ('SAME', stride 1): the 2x2/2 max pool of y * sign,
+    times sign, and y's per-channel mean and mean square, by `native.conv_bn_pool` (y never stored)."""
+    pooled, moments = native.conv_bn_pool(x, kernel, sign)
+    return pooled, moments[0], moments[1]
+
+
+def _conv_pool_moments_fwd(x, kernel, sign):
+    return _conv_pool_moments(x, kernel, sign), (x, kernel, sign)
+
+
+def _conv_pool_moments_bwd(residuals, cotangents):
+    x, kernel, sign = residuals
+    pooled_cotangent, mean_cotangent, mean_sq_cotangent = cotangents
+    count = x.shape[0] * x.shape[1] * x.shape[2]
+    alpha, beta = mean_cotangent / count, 2 * mean_sq_cotangent / count
+    kernel_cotangent = native.conv_bn_pool_kernel_grad(x, kernel, sign, pooled_cotangent, alpha, beta)
+
+    # The input's cotangent, with the convolution's output materialised; XLA drops all of it when the
+    # input needs no gradient (a first layer), and nothing else here keeps it.
+    def conv(inputs):
+        return lax.conv_general_dilated(
+            inputs, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    y, conv_vjp = jax.vjp(conv, x)
+    pooled = layers._max_pool_forward(y, (2, 2), (2, 2), ((0, 0), (0, 0)), sign)
+    dy = layers._max_pool_backward(y, pooled, pooled_cotangent, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    dy = dy + alpha + beta * y
+    return conv_vjp(dy)[0], kernel_cotangent, jnp.zeros_like(sign)
+
+
+_conv_pool_moments.defvjp(_conv_pool_moments_fwd, _conv_pool_moments_bwd)
+
+
+def _fusable_conv_kernel(conv, conv_input, x) -> Optional[jnp.ndarray]:
+    """The kernel of `conv` if conv(conv_input) = x can run fused into the batch norm after it
+    (`native.conv_bn_pool`): a bound `layers.Conv`, float32, stride 1, 'SAME' padding, no bias, dilation,
+    groups or mask, on the CPU backend with the native kernels built. Else None."""
+    if not (isinstance(conv, layers.Conv) and layers.use_fast_path() and jax.default_backend() == "cpu"):
+        return None
+    kernel = conv.variables.get("params", {}).get("kernel")
+    if kernel is None or kernel.ndim != 4 or conv_input is None or conv_input.ndim != 4:
+        return None
+    same = tuple(((k - 1) // 2, k // 2) for k in kernel.shape[:2])
+    if not (
+        conv.feature_group_count == 1
+        and not conv.use_bias
+        and conv.mask is None
+        and conv.precision in (None, lax.Precision.HIGHEST)
+        and conv.dtype in (None, jnp.float32)
+        and layers._pairs(conv.strides, 2) == (1, 1)
+        and layers._pairs(conv.input_dilation, 2) == layers._pairs(conv.kernel_dilation, 2) == (1, 1)
+        and layers._explicit_padding(conv.padding, conv_input.shape[1:3], kernel.shape[:2], (1, 1)) == same
+        and kernel.dtype == conv_input.dtype == x.dtype == jnp.float32
+        and x.shape == conv_input.shape[:3] + kernel.shape[3:]
+        and native.supports_conv_bn_pool(conv_input.shape, kernel.shape, kernel.dtype)
+    ):
+        return None
+    return kernel if native.available() else None
+
+
 class BatchNorm(nn.Module):
     """`nn.BatchNorm` (same fields, variables and numerics; no `mask`) with an optional fused
     `activation` and `max_pool`, by default replayed in the backward pass instead of saving its
@@ -169,7 +238,18 @@ class BatchNorm(nn.Module):
     max_pool: Optional[layers.MaxPool] = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, use_running_average: Optional[bool] = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        use_running_average: Optional[bool] = None,
+        *,
+        conv: Optional[nn.Module] = None,
+        conv_input: Optional[jnp.ndarray] = None,
+    ) -> jnp.ndarray:
+        """Normalises x. `conv` and `conv_input`, if given, are the bound `layers.Conv` that computed x and
+        its input: where `_fusable_conv_kernel` allows (training, 2x2/2 `max_pool`, a first layer's few
+        input channels on the CPU), the layer is computed from them in one native pass instead and x is
+        left unused (XLA drops the convolution)."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -216,21 +296,53 @@ class BatchNorm(nn.Module):
                 use_fast_variance=self.use_fast_variance,
                 force_float32_reductions=self.force_float32_reductions,
             )
-        forward = functools.partial(
-            _forward,
-            statistics=statistics,
-            activation=self.activation,
-            normalize=normalize,
-            max_pool=self.max_pool,
-        )
-        if self.rematerialize:
-            forward = _replayed(forward)  # Saves x, scale, bias (and running statistics) only.
-        y, mean, var = forward(x, scale, bias, mean, var)
+        kernel = None
+        if conv is not None and not use_running_average and not self.is_initializing() and self._pools_2x2(x):
+            kernel = _fusable_conv_kernel(conv, conv_input, x)
+        if kernel is not None:
+            # The full-size convolution output and its gradient are never stored; the normalise, the
+            # activation and their gradients (autodiff's) run on the pooled quarter.
+            sign = jnp.ones(x.shape[-1:], x.dtype) if scale is None else jnp.where(scale < 0, -1.0, 1.0)
+            pooled, mean, mean_sq = _conv_pool_moments(conv_input, kernel, sign.astype(x.dtype))
+            var = _moments_to_variance(mean, mean_sq)
+            y = normalize(pooled, mean, var, scale, bias)
+            if self.activation is not None:
+                y = self.activation(y)
+        else:
+            forward = functools.partial(
+                _forward,
+                statistics=statistics,
+                activation=self.activation,
+                normalize=normalize,
+                max_pool=self.max_pool,
+            )
+            if self.rematerialize:
+                forward = _replayed(forward)  # Saves x, scale, bias (and running statistics) only.
+            y, mean, var = forward(x, scale, bias, mean, var)
 
         if not use_running_average and not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+
+    def _pools_2x2(self, x) -> bool:
+        """Whether this layer normalises float32 statistics of x (as flax's fast variance, unsharded) and
+        2x2/2 max-pools its output: what `native.conv_bn_pool` computes."""
+        pool = self.max_pool
+        return (
+            pool is not None
+            and tuple(pool.window) == (2, 2)
+            and pool.strides is not None
+            and tuple(pool.strides) == (2, 2)
+            and isinstance(pool.padding, str)
+            and pool.padding.upper() == "VALID"
+            and self.use_fast_variance
+            and self.force_float32_reductions
+            and self.axis_name is None
+            and self.dtype in (None, jnp.float32)
+            and self.param_dtype == jnp.float32
+            and x.dtype == jnp.float32
+        )
 
     def _check_pool_fusable(self, ndim: int, feature_axes) -> None:
         if self.activation not in _POOL_COMMUTING_ACTIVATIONS:

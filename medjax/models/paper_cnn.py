@@ -24,7 +24,8 @@ class PaperCNN(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
-            x = layers.Conv(width, (3, 3), use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+            conv = layers.Conv(width, (3, 3), use_bias=False, dtype=self.dtype, name=f"conv{i}")
+            conv_input, x = x, conv(x)
             x = normalization.BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
@@ -33,7 +34,7 @@ class PaperCNN(nn.Module):
                 activation=nn.relu,
                 max_pool=layers.MaxPool((2, 2), (2, 2)),
                 name=f"bn{i}",
-            )(x)
+            )(x, conv=conv, conv_input=conv_input)
         x = x.reshape((x.shape[0], -1))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.dense_features, dtype=self.dtype, name="fc")(x)

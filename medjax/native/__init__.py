@@ -1,8 +1,12 @@
 """medjax's C++ kernels for XLA:CPU, called through XLA's FFI.
 
-The one kernel so far, `conv_kernel_grad`, computes a convolution's kernel gradient straight from the
-padded input and the output cotangent (`kernel_grad.cc`), without building patches. It is compiled on
-first use with the machine's C++ compiler for the machine's CPU (`-march=native`) into a cache directory
+- `conv_kernel_grad` computes a convolution's kernel gradient straight from the padded input and the
+  output cotangent (`kernel_grad.cc`), without building patches.
+- `conv_bn_pool` and `conv_bn_pool_kernel_grad` fuse a first block, a stride-1 convolution with few
+  input channels, its batch-norm moments and a 2x2 max pool, into one pass over the images forward and
+  one backward (`conv_bn_pool.cc`), never storing the full-size convolution output or its gradient.
+
+They are compiled on first use with the machine's C++ compiler for the machine's CPU (`-march=native`) into a cache directory
 (MEDJAX_NATIVE_CACHE, default ~/.cache/medjax/native), keyed by the source, jaxlib's version and the CPU,
 and registered as an FFI target. Where that fails (no compiler, no writable cache, another platform),
 `available()` is False, says why in `status`, and medjax's layers keep their pure-JAX methods.
@@ -26,7 +30,11 @@ from jax import lax
 ENV_SWITCH = "MEDJAX_NATIVE"
 CACHE_ENV = "MEDJAX_NATIVE_CACHE"
 TARGET = "medjax_conv_kernel_grad"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_grad.cc")
+BN_POOL_TARGET = "medjax_conv_bn_pool"
+BN_POOL_GRAD_TARGET = "medjax_conv_bn_pool_kernel_grad"
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = ("kernel_grad.cc", "conv_bn_pool.cc")
+_HEADERS = ("parts.h",)
 # Output channels are taken 16 (one 512-bit vector of float32) at a time.
 COUT_MULTIPLE = 16
 
@@ -45,13 +53,15 @@ def _cpu_signature() -> str:
 
 
 def _library_path() -> str:
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in _SOURCES + _HEADERS:
+        with open(os.path.join(_DIR, name), "rb") as f:
+            source += f.read()
     key = hashlib.sha256(
         source + jaxlib.__version__.encode() + platform.machine().encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     cache = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "medjax", "native")
-    return os.path.join(cache, f"kernel_grad_{key}.so")
+    return os.path.join(cache, f"medjax_native_{key}.so")
 
 
 def _compile(path: str) -> None:
@@ -63,7 +73,7 @@ def _compile(path: str) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
-    command += ["-I", jax.ffi.include_dir(), _SOURCE, "-o", partial]
+    command += ["-I", jax.ffi.include_dir(), *(os.path.join(_DIR, name) for name in _SOURCES), "-o", partial]
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -91,7 +101,12 @@ def available() -> bool:
         if not os.path.exists(path):
             _compile(path)
         library = ctypes.CDLL(path)
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MedjaxConvKernelGrad), platform="cpu")
+        for target, symbol in (
+            (TARGET, library.MedjaxConvKernelGrad),
+            (BN_POOL_TARGET, library.MedjaxConvBnPool),
+            (BN_POOL_GRAD_TARGET, library.MedjaxConvBnPoolKernelGrad),
+        ):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
         status = f"not built ({error})"
         return False
@@ -118,3 +133,72 @@ def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
         xp, g, kh=kh, kw=kw, sh=strides[0], sw=strides[1]
     )
     return dk.reshape(kernel_shape)
+
+
+# Kernel rows (kh * kw * cin) that `conv_bn_pool` is compiled for: 3x3 kernels on 1 or 3 channels.
+BN_POOL_KERNEL_ROWS = (9, 27)
+
+
+def supports_conv_bn_pool(x_shape, kernel_shape, dtype) -> bool:
+    """Whether `conv_bn_pool` takes this NHWC input shape, HWIO kernel shape and dtype."""
+    kh, kw, cin, cout = kernel_shape
+    _, h, w, x_cin = x_shape
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and x_cin == cin
+        and kh * kw * cin in BN_POOL_KERNEL_ROWS
+        and cout % COUT_MULTIPLE == 0
+        and h >= 2
+        and w >= 2
+        and h % 2 == 0
+        and w % 2 == 0
+    )
+
+
+def _same_padded(x, kernel_shape):
+    kh, kw = kernel_shape[:2]
+    config = ((0, 0, 0), ((kh - 1) // 2, kh // 2, 0), ((kw - 1) // 2, kw // 2, 0), (0, 0, 0))
+    return lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _check_conv_bn_pool(x, kernel, name):
+    if not supports_conv_bn_pool(x.shape, kernel.shape, x.dtype) or kernel.dtype != jnp.float32:
+        raise ValueError(
+            f"{name}: unsupported input {x.shape} {x.dtype} or kernel {kernel.shape} {kernel.dtype}"
+        )
+
+
+def conv_bn_pool(x, kernel, sign):
+    """For x = conv(x, kernel) (NHWC/HWIO float32, stride 1, 'SAME' padding), never materialised: the
+    2x2/2 max pool of sign * x times sign (sign [cout] of +1/-1: those channels pool the minimum), and
+    the mean and mean square of x per channel. Returns (pooled [n, h/2, w/2, cout], moments [2, cout]).
+    XLA:CPU only; check `available()` and `supports_conv_bn_pool()` first."""
+    _check_conv_bn_pool(x, kernel, "conv_bn_pool")
+    n, h, w, _ = x.shape
+    kh, kw, cin, cout = kernel.shape
+    shapes = (
+        jax.ShapeDtypeStruct((n, h // 2, w // 2, cout), jnp.float32),
+        jax.ShapeDtypeStruct((2, cout), jnp.float32),
+    )
+    return jax.ffi.ffi_call(BN_POOL_TARGET, shapes)(
+        _same_padded(x, kernel.shape), kernel.reshape(kh * kw * cin, cout), sign, kh=kh, kw=kw
+    )
+
+
+def conv_bn_pool_kernel_grad(x, kernel, sign, pooled_cotangent, alpha, beta):
+    """The kernel cotangent [kh, kw, cin, cout] through `conv_bn_pool`: the convolution output's cotangent
+    is alpha + beta * conv(x) plus pooled_cotangent at the first element of each window that equals the
+    pooled value (alpha, beta [cout]: the moments' cotangents times 1 / (n h w) and 2 / (n h w))."""
+    _check_conv_bn_pool(x, kernel, "conv_bn_pool_kernel_grad")
+    kh, kw, cin, cout = kernel.shape
+    dk = jax.ffi.ffi_call(BN_POOL_GRAD_TARGET, jax.ShapeDtypeStruct((kh * kw * cin, cout), jnp.float32))(
+        _same_padded(x, kernel.shape),
+        kernel.reshape(kh * kw * cin, cout),
+        sign,
+        pooled_cotangent,
+        alpha,
+        beta,
+        kh=kh,
+        kw=kw,
+    )
+    return dk.reshape(kernel.shape)

@@ -6,16 +6,14 @@
 // read in place: no patches are built. Rows (i, j, c) are taken a register block at a time (R rows by NV
 // vectors of 16 output channels), so each pixel's cotangent vector is loaded once per block and every
 // row's input value is one broadcast. The images are split into parts that run on XLA's intra-op
-// threads; each part sums into its own buffer, added up at the end (float32 throughout).
+// threads (parts.h); each part sums into its own buffer, added up at the end (float32 throughout).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "parts.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -93,33 +91,18 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, ffi::B
         str(s.cout) + " output channels (need a multiple of 16)");
   }
   const int64_t size = kh * kw * s.cin * s.cout;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(s.n, threads));  // One part if n == 0.
-
-  // Parts are claimed from a shared counter by the calling thread and by helper tasks on the pool; the
-  // caller waits only for parts that a running helper has claimed, so it never waits on a queued task.
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::vector<std::vector<float>> sums;
-  };
-  auto state = std::make_shared<State>();
-  state->sums.assign(parts, std::vector<float>(size, 0.0f));
+  const int64_t parts = medjax::NumParts(pool, s.n);
+  std::vector<std::vector<float>> sums(parts, std::vector<float>(size, 0.0f));
   const float* x_data = xp.typed_data();
   const float* g_data = g.typed_data();
-  auto work = [state, s, x_data, g_data, parts]() {
-    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
-      AccumulateImages(s, x_data, g_data, state->sums[p].data(), s.n * p / parts, s.n * (p + 1) / parts);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < parts; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (state->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  medjax::RunParts(pool, parts, [&](int64_t p) {
+    AccumulateImages(s, x_data, g_data, sums[p].data(), s.n * p / parts, s.n * (p + 1) / parts);
+  });
 
   float* out = dk->typed_data();
-  std::memcpy(out, state->sums[0].data(), size * sizeof(float));
+  std::memcpy(out, sums[0].data(), size * sizeof(float));
   for (int64_t p = 1; p < parts; ++p)
-    for (int64_t k = 0; k < size; ++k) out[k] += state->sums[p][k];
+    for (int64_t k = 0; k < size; ++k) out[k] += sums[p][k];
   return ffi::Error::Success();
 }
 
