@@ -58,6 +58,7 @@ def test_unsupported_shapes_are_refused():
     assert native.supports_conv_bn_pool((2, 8, 8, 1), (3, 3, 1, 16), jnp.float32)
     assert not native.supports_conv_bn_pool((2, 8, 8, 2), (3, 3, 2, 16), jnp.float32)  # 2 channels.
     assert not native.supports_conv_bn_pool((2, 8, 8, 1), (5, 5, 1, 16), jnp.float32)
+    assert not native.supports_conv_bn_pool((2, 8, 8, 1), (1, 9, 1, 16), jnp.float32)  # 9 rows, not 3x3.
     assert not native.supports_conv_bn_pool((2, 8, 8, 1), (3, 3, 1, 24), jnp.float32)
     assert not native.supports_conv_bn_pool((2, 7, 8, 1), (3, 3, 1, 16), jnp.float32)  # Odd height.
     assert not native.supports_conv_bn_pool((2, 8, 8, 1), (3, 3, 1, 16), jnp.bfloat16)

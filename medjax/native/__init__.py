@@ -135,8 +135,9 @@ def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
     return dk.reshape(kernel_shape)
 
 
-# Kernel rows (kh * kw * cin) that `conv_bn_pool` is compiled for: 3x3 kernels on 1 or 3 channels.
-BN_POOL_KERNEL_ROWS = (9, 27)
+# The kernels and input channels that `conv_bn_pool` is compiled for: 3x3 on grayscale or RGB images.
+BN_POOL_KERNEL_SIZE = (3, 3)
+BN_POOL_INPUT_CHANNELS = (1, 3)
 
 
 def supports_conv_bn_pool(x_shape, kernel_shape, dtype) -> bool:
@@ -146,7 +147,8 @@ def supports_conv_bn_pool(x_shape, kernel_shape, dtype) -> bool:
     return (
         jnp.dtype(dtype) == jnp.float32
         and x_cin == cin
-        and kh * kw * cin in BN_POOL_KERNEL_ROWS
+        and (kh, kw) == BN_POOL_KERNEL_SIZE
+        and cin in BN_POOL_INPUT_CHANNELS
         and cout % COUT_MULTIPLE == 0
         and h >= 2
         and w >= 2
