@@ -239,10 +239,7 @@ ffi::Error ConvBnPoolKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp, 
       }
     }
   });
-  float* out = dk->typed_data();
-  std::memcpy(out, sums[0].data(), size * sizeof(float));
-  for (int64_t p = 1; p < parts; ++p)
-    for (int64_t k = 0; k < size; ++k) out[k] += sums[p][k];
+  medjax::SumParts(sums, dk->typed_data());
   return ffi::Error::Success();
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -37,6 +38,13 @@ void RunParts(xla::ffi::ThreadPool& pool, int64_t parts, const F& run_part) {
   for (int64_t t = 1; t < parts; ++t) pool.Schedule([work]() { work(); });
   work();
   while (state->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+// Writes the elementwise sum of the parts' buffers (at least one, all of out's size) to out.
+inline void SumParts(const std::vector<std::vector<float>>& sums, float* out) {
+  std::copy(sums[0].begin(), sums[0].end(), out);
+  for (size_t p = 1; p < sums.size(); ++p)
+    for (size_t k = 0; k < sums[p].size(); ++k) out[k] += sums[p][k];
 }
 
 }  // namespace medjax
