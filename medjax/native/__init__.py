@@ -6,10 +6,11 @@
   input channels, its batch-norm moments and a 2x2 max pool, into one pass over the images forward and
   one backward (`conv_bn_pool.cc`), never storing the full-size convolution output or its gradient.
 
-They are compiled on first use with the machine's C++ compiler for the machine's CPU (`-march=native`) into a cache directory
-(MEDJAX_NATIVE_CACHE, default ~/.cache/medjax/native), keyed by the source, jaxlib's version and the CPU,
-and registered as an FFI target. Where that fails (no compiler, no writable cache, another platform),
-`available()` is False, says why in `status`, and medjax's layers keep their pure-JAX methods.
+They are compiled together on first use with the machine's C++ compiler for the machine's CPU
+(`-march=native`) into one library in a cache directory (MEDJAX_NATIVE_CACHE, default
+~/.cache/medjax/native), keyed by the sources, jaxlib's version and the CPU, and registered as FFI
+targets. Where that fails (no compiler, no writable cache, another platform), `available()` is False,
+says why in `status`, and medjax's layers keep their pure-JAX methods.
 MEDJAX_NATIVE=0 turns the kernels off.
 """
 
@@ -171,9 +172,9 @@ def _check_conv_bn_pool(x, kernel, name):
 
 
 def conv_bn_pool(x, kernel, sign):
-    """For x = conv(x, kernel) (NHWC/HWIO float32, stride 1, 'SAME' padding), never materialised: the
-    2x2/2 max pool of sign * x times sign (sign [cout] of +1/-1: those channels pool the minimum), and
-    the mean and mean square of x per channel. Returns (pooled [n, h/2, w/2, cout], moments [2, cout]).
+    """For y = conv(x, kernel) (NHWC/HWIO float32, stride 1, 'SAME' padding), never materialised: the
+    2x2/2 max pool of sign * y times sign (sign [cout] of +1/-1: -1 channels pool the minimum), and the
+    mean and mean square of y per channel. Returns (pooled [n, h/2, w/2, cout], moments [2, cout]).
     XLA:CPU only; check `available()` and `supports_conv_bn_pool()` first."""
     _check_conv_bn_pool(x, kernel, "conv_bn_pool")
     n, h, w, _ = x.shape
