@@ -121,6 +121,12 @@ def supports(kernel_shape, dtype) -> bool:
     return jnp.dtype(dtype) == jnp.float32 and kernel_shape[3] % COUT_MULTIPLE == 0
 
 
+def _padded(x, pads):
+    """NHWC x zero-padded by ((top, bottom), (left, right)); negative pads crop."""
+    (top, bottom), (left, right) = pads
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+
+
 def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
     """Kernel cotangent [kh, kw, cin, cout] of a 2-D NHWC/HWIO float32 convolution of x [n, h, w, cin]
     with `strides` and explicit `pads`, given its output cotangent g [n, oh, ow, cout] (XLA:CPU only;
@@ -128,10 +134,8 @@ def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
     kh, kw, cin, cout = kernel_shape
     if not supports(kernel_shape, x.dtype) or g.dtype != jnp.float32:
         raise ValueError(f"conv_kernel_grad: unsupported kernel {kernel_shape} or dtypes {x.dtype}/{g.dtype}")
-    (top, bottom), (left, right) = pads
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
     dk = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((kh * kw * cin, cout), jnp.float32))(
-        xp, g, kh=kh, kw=kw, sh=strides[0], sw=strides[1]
+        _padded(x, pads), g, kh=kh, kw=kw, sh=strides[0], sw=strides[1]
     )
     return dk.reshape(kernel_shape)
 
@@ -160,8 +164,7 @@ def supports_conv_bn_pool(x_shape, kernel_shape, dtype) -> bool:
 
 def _same_padded(x, kernel_shape):
     kh, kw = kernel_shape[:2]
-    config = ((0, 0, 0), ((kh - 1) // 2, kh // 2, 0), ((kw - 1) // 2, kw // 2, 0), (0, 0, 0))
-    return lax.pad(x, jnp.zeros((), x.dtype), config)
+    return _padded(x, (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)))
 
 
 def _check_conv_bn_pool(x, kernel, name):
