@@ -1,13 +1,10 @@
-r"""DenseNet-121 (torchvision layout) on 64x64x1 Medical MNIST.
+r"""DenseNet-121 (torchvision layout) on 64x64x1 Medical MNIST, 1 epoch.
 
-~0.43 GFLOPs per image in 120 thin convs (slow per FLOP on a CPU), so one epoch; no dropout
-(torchvision's default drop_rate 0).
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/densenet121.py --workdir=workdirs/densenet121 \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: not yet measured (~0.43 GFLOPs per image; meant for a GPU or TPU).
 """
 
 import ml_collections

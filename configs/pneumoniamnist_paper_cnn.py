@@ -1,14 +1,10 @@
-r"""The paper CNN trained from scratch on PneumoniaMNIST at its native 28x28 (MedMNIST v2, official splits).
+r"""The paper CNN from scratch on PneumoniaMNIST (MedMNIST v2) at its native 28x28.
 
-The recipe of configs/pneumoniamnist.py (10 epochs, batch 128, AdamW 2e-3 with cosine decay, augmentation)
-with the paper CNN in place of EfficientNet-Lite0 and no resizing: cheap on a CPU (~50 s a run).
-
-Run:
+Run (from the repo root):
   python -m medjax.main --config=configs/pneumoniamnist_paper_cnn.py \
     --workdir=workdirs/pneumoniamnist_paper_cnn --config.data.manual_dir=../shared/data
 
-Measured (2026-11-26, 2-core CPU, seeds 0/1/2): test ACC 0.896 ± 0.005, AUC 0.974 ± 0.002 (MedMNIST's
-published ResNet-18 (28): ACC 0.854, AUC 0.944).
+Expected: test ACC 0.896 ± 0.005, AUC 0.974 ± 0.002 over 3 seeds, ~1 min a run on a 2-core CPU.
 """
 
 import ml_collections

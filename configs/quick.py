@@ -1,10 +1,10 @@
 r"""Tiny configuration for tests and smoke runs: a narrow CNN for a few steps.
 
-Run:
+Run (from the repo root):
   python -m medjax.main --config=configs/quick.py --workdir=/tmp/medjax_quick \
     --config.data.manual_dir=../shared/data
 
-It checks plumbing, not accuracy: expect a falling loss, not a good model.
+Expected: a falling loss within seconds; it checks plumbing, not accuracy.
 """
 
 import ml_collections

@@ -1,14 +1,10 @@
-r"""ResNet-18 on 64x64x1 Medical MNIST.
+r"""ResNet-18 (ImageNet stem) on 64x64x1 Medical MNIST, 3 epochs.
 
-The ImageNet stem (7x7/2 conv + max-pool; 64x64 -> 16x16) keeps it at ~0.2 GFLOPs per image on a
-CPU. The 'small' stem (3x3/1, no max-pool) keeps 4x the resolution at ~19x the FLOPs (4.1 GFLOPs):
-add --config.model.stem=small on an accelerator.
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/resnet18.py --workdir=workdirs/resnet18 \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: one epoch gives 99.93% test accuracy (~9 min on a 2-core CPU); the full recipe is not yet measured.
 """
 
 import ml_collections

@@ -1,12 +1,10 @@
-r"""ResNet-34 on 64x64x1 Medical MNIST: ResNet-18's recipe with the ImageNet stem.
+r"""ResNet-34 (ImageNet stem) on 64x64x1 Medical MNIST, ResNet-18's recipe.
 
-~0.44 GFLOPs per image (the 'small' stem would be ~8.6 GFLOPs), so two epochs.
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/resnet34.py --workdir=workdirs/resnet34 \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: not yet measured (~0.44 GFLOPs per image; meant for a GPU or TPU).
 """
 
 import ml_collections

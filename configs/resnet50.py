@@ -1,12 +1,10 @@
-r"""ResNet-50 (bottleneck blocks) on 64x64x1 Medical MNIST: ResNet-18's recipe, ImageNet stem.
+r"""ResNet-50 (bottleneck blocks, ImageNet stem) on 64x64x1 Medical MNIST, ResNet-18's recipe.
 
-~0.59 GFLOPs per image (the 'small' stem would be ~10.2 GFLOPs), so two epochs.
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/resnet50.py --workdir=workdirs/resnet50 \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: not yet measured (~0.59 GFLOPs per image; meant for a GPU or TPU).
 """
 
 import ml_collections

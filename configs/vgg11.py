@@ -1,13 +1,10 @@
-r"""VGG-11 with batch norm (132.9M params, ~1.3 GFLOPs per 64x64 image) on Medical MNIST.
+r"""VGG-11 with batch norm on 64x64x1 Medical MNIST, 1 epoch.
 
-The costliest family per image on a CPU, hence one epoch and a smaller batch; dropout 0.5 in the
-head as published, AdamW with a reduced learning rate for the 25088x4096 classifier.
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/vgg11.py --workdir=workdirs/vgg11 \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: not yet measured (~1.3 GFLOPs per image; meant for a GPU or TPU).
 """
 
 import ml_collections

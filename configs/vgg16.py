@@ -1,12 +1,10 @@
-r"""VGG-16 with batch norm (138.4M params, ~2.5 GFLOPs per 64x64 image) on Medical MNIST.
+r"""VGG-16 with batch norm on 64x64x1 Medical MNIST, VGG-11's recipe.
 
-VGG-11's recipe (configs/vgg11.py): one epoch, batch 64, dropout 0.5, AdamW 5e-4.
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/vgg16.py --workdir=workdirs/vgg16 \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: not yet measured (~2.5 GFLOPs per image; meant for a GPU or TPU).
 """
 
 import ml_collections

@@ -1,12 +1,10 @@
-r"""ZFNet (Zeiler & Fergus, 2013; 62.4M params) on 64x64x1 Medical MNIST: AlexNet's recipe.
+r"""ZFNet on 64x64x1 Medical MNIST with AlexNet's recipe.
 
-Same head, dropout and optimizer as configs/alexnet.py; only the conv layers differ.
-
-Run (from the repo root; data from a local copy, prepared once into TFDS_DATA_DIR):
+Run (from the repo root):
   python -m medjax.main --config=configs/zfnet.py --workdir=workdirs/zfnet \
     --config.data.manual_dir=../shared/data
 
-Measured result: see README results table.
+Expected: not yet measured (~0.2 GFLOPs per image; meant for a GPU or TPU).
 """
 
 import ml_collections
