@@ -1,6 +1,6 @@
 r"""Images/s that medjax's training input pipeline delivers on the real training split, vs the train step.
 
-  python benchmarks/input_throughput.py --manual_dir=/work/shared/data --tfds_dir=/work/tfds_data
+  python benchmarks/input_throughput.py --manual_dir=../shared/data [--tfds_dir=DIR]
 
 Measures, alternating within each round: the tf.data pipeline (`input_pipeline.train_dataset`) with
 and without augmentation, and a plain in-memory NumPy gather of the same batches (the floor that an

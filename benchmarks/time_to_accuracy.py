@@ -1,7 +1,6 @@
 r"""Wall time from launch to a validation accuracy target (default 99.9%) with medjax's own training loop.
 
-  python benchmarks/time_to_accuracy.py --config=configs/fast.py \
-    --config.data.manual_dir=/work/shared/data --config.data.tfds_dir=/work/tfds_data
+  python benchmarks/time_to_accuracy.py --config=configs/fast.py --config.data.manual_dir=../shared/data
 
 Runs `medjax.train.train_and_evaluate` in a fresh work dir with `config.train.stop_at_eval_accuracy`
 (configs/fast.py sets 0.999 and evaluates every 100 steps), and times it from this script's first line.

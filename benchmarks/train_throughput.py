@@ -4,9 +4,9 @@ Every variant runs in its own worker process (clean peak RSS, no shared caches).
 workers start one after another (compiling and warming up alone), then stay alive and take turns running
 `--blocks` blocks of timed steps (order rotated every block; round start order rotated every round), so
 the variants of a block meet the same machine state within about a second. Before each block the
-benchmark measures the round trip of a value between the two first cores (`core_round_trip_ns`): the
-host of this project's VM moves its vCPUs between near (~150 ns) and far (~380 ns) core pairs for
-seconds to minutes, and medjax's step is ~28% slower in the far placement while PyTorch's is not.
+benchmark measures the round trip of a value between the two first cores (`core_round_trip_ns`): a VM's
+host may move its vCPUs between near (~150 ns) and far (~380 ns) core pairs for seconds to minutes, which
+slows medjax's step more than PyTorch's, so the results are also given per placement.
 A model's workers are resident together: the machine needs the sum of their peak RSS.
 
 Prints one JSON object per measurement (variant and round) and, last, a summary: medians over rounds of
@@ -21,7 +21,7 @@ Variants: `medjax`, `medjax_direct` (the CPU path without Winograd convolutions)
 up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
 
   python benchmarks/train_throughput.py                                    # all models, 3 rounds x 3 blocks
-  python benchmarks/train_throughput.py --models=issue_cnn --rounds=5 --steps=10
+  python benchmarks/train_throughput.py --models=paper_cnn --rounds=5 --steps=10
 
 Measure on an idle machine: PyTorch's eager CPU speed drops far more than medjax's when other processes
 compete for the cores (its paper-CNN step: ~1,400 img/s idle, ~150 img/s at load 4 on 2 cores), so
@@ -53,7 +53,7 @@ IMAGE_SHAPE = (64, 64, 1)
 # name -> (config.model overrides, timed steps, warm-up steps). ResNet-18 steps are ~10 s on 2 cores.
 MODELS = {
     "paper_cnn": ({}, 10, 2),
-    # The issue's conv32-pool-conv64-pool-dense net: 117,264 parameters with a 6-unit hidden layer.
+    # A conv32-pool-conv64-pool-dense net ("conv32/64 net"): 117,264 parameters, a 6-unit hidden layer.
     "issue_cnn": ({"features": (32, 64), "dense_features": 6}, 10, 2),
     "resnet18_imagenet": ({"name": "resnet18", "stem": "imagenet"}, 4, 1),
     "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),

@@ -13,8 +13,8 @@ Columns:
   test accuracy, macro AUC, minimum per-class recall: the final test-split report.
   params: the 'params' collection (batch-norm statistics excluded).
   FLOPs/image: XLA's cost analysis of the compiled eval-mode forward pass at batch 1 on the training image
-    shape (a multiply-add counts 2), traced with XLA's native convolutions and pooling
-    (`layers.implementation('xla')`) so that it counts the model's arithmetic, not a backend's.
+    shape (a multiply-add counts 2), traced with stock flax ops, not the CPU path's, so that it counts the
+    model's arithmetic, not a backend's.
   train images/s: median over the training log intervals (TensorBoard `train/images_per_second`), leaving
     out the first, which includes compilation (unless it is the only one, as in very short runs).
   wall s: the whole train_and_evaluate call (data loading, compilation, evaluations).
