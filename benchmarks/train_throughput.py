@@ -289,9 +289,9 @@ def core_round_trip_ns(iterations: int = 20000, repeats: int = 3):
     """Round trip of a value between two processes pinned to this process's first two CPUs, spinning on
     one shared word (best of `repeats`, in ns); None off Linux or with fewer than two CPUs.
 
-    On this project's KVM machine it is bimodal, ~150 ns or ~380 ns, as the host places the two vCPUs on
-    cores near each other or far apart for seconds to minutes; medjax's step is ~28% slower in the far
-    placement (XLA's memory-bound fusions, which hand data between the cores, take up to twice as long)
+    On a 2-vCPU KVM guest of an AMD EPYC host it is bimodal, ~150 ns or ~380 ns, as the host places the
+    vCPUs on cores near each other or far apart for seconds to minutes; medjax's step is ~28% slower in the
+    far placement (XLA's memory-bound fusions, which hand data between the cores, take up to twice as long)
     while PyTorch's is not, so the benchmark records it for every block."""
     if not hasattr(os, "sched_setaffinity") or not hasattr(os, "fork"):
         return None
