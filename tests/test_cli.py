@@ -4,6 +4,7 @@ One quick training run (medjax.main) with non-default preprocessing is shared by
 Each subprocess pays the imports (seconds), so there are few of them.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -77,14 +78,19 @@ def _reference_reports(workdir, split, *cases):
     source = transfer.open_source(str(workdir))
     data = source.metadata["config"]["data"]
     arrays = datasets.load_split(datasets.prepare(data["name"], data["tfds_dir"]), split)
-    reports = []
-    for step, mean, std in cases:
-        _, model, variables = transfer.load_source(str(workdir), step)
+
+    @functools.partial(jax.jit, static_argnums=0)  # Equal models: one compilation for every case.
+    def probabilities(model, variables, mean, std):
         inputs = steps.preprocess(
             arrays["image"], mean=mean, std=std, image_size=IMAGE_SIZE, channels=CHANNELS
         )
-        probs = jax.nn.softmax(model.apply(variables, inputs, train=False), axis=-1)
-        reports.append(metrics.classification_report(np.asarray(probs), arrays["label"], source.class_names))
+        return jax.nn.softmax(model.apply(variables, inputs, train=False), axis=-1)
+
+    reports = []
+    for step, mean, std in cases:
+        _, model, variables = transfer.load_source(str(workdir), step)
+        probs = np.asarray(probabilities(model, variables, mean, std))
+        reports.append(metrics.classification_report(probs, arrays["label"], source.class_names))
     return reports
 
 
