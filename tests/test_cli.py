@@ -22,7 +22,6 @@ FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")  # Holds medical_mnist/<C
 # Far from configs/base.py's mean 0.5, std 0.25, image_size 0 and channels 0 (as stored: 64x64x1).
 MEAN, STD, IMAGE_SIZE, CHANNELS = 0.1, 0.9, 40, 3
 PRINTED_KEYS = {"accuracy", "macro_auc", "num_examples", "checkpoint_step"}
-NUMBERS = ("accuracy", "macro_auc", "auc_classes", "per_class", "confusion_matrix", "num_examples")
 
 
 def _run(module, *args, check=True):
