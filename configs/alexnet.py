@@ -15,8 +15,12 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
     """Returns the AlexNet configuration."""
     config = base.get_config()
+    config.model = ml_collections.ConfigDict()  # Fields of medjax.models.AlexNet.
     config.model.name = "alexnet"
+    config.model.dense_features = 4096
+    config.model.pool_size = 6  # Adaptive average pooling to 6x6 before the head.
     config.model.dropout_rate = 0.5
+    config.model.dtype = "float32"
     config.train.num_epochs = 3.0
     config.train.learning_rate = 1e-4
     config.train.warmup_steps = 200

@@ -12,6 +12,19 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def paper_cnn_model() -> ml_collections.ConfigDict:
+    """`config.model` of the paper CNN: its name and the fields of medjax.models.PaperCNN."""
+    model = ml_collections.ConfigDict()
+    model.name = "paper_cnn"
+    model.features = (16, 32, 64, 128)  # Channels of each conv-BN-ReLU-pool block.
+    model.dense_features = 128
+    model.dropout_rate = 0.3
+    model.bn_momentum = 0.9
+    model.bn_epsilon = 1e-5
+    model.dtype = "float32"  # Compute dtype; 'bfloat16' for mixed precision on GPU/TPU.
+    return model
+
+
 def get_config() -> ml_collections.ConfigDict:
     """Returns the main-job configuration."""
     config = ml_collections.ConfigDict()
@@ -46,18 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.contrast = 0.1  # Contrast factor drawn from [1 - c, 1 + c].
     config.augment.fill_mode = "nearest"
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "paper_cnn"
-    config.model.features = (16, 32, 64, 128)
-    config.model.dense_features = 128
-    config.model.dropout_rate = 0.3
-    config.model.bn_momentum = 0.9
-    config.model.bn_epsilon = 1e-5
-    config.model.dtype = "float32"  # Compute dtype; 'bfloat16' for mixed precision on GPU/TPU.
-    # ResNets only: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'small' (3x3/1 conv, no max-pool).
-    config.model.stem = "imagenet"
-    # ResNets only: start each residual block's last batch-norm scale at 0 (Goyal et al., 2017).
-    config.model.zero_init_residual = False
+    config.model = paper_cnn_model()
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 128  # Global, across all devices and processes.

@@ -15,8 +15,13 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
     """Returns the DenseNet-121 configuration."""
     config = base.get_config()
+    config.model = ml_collections.ConfigDict()  # Fields of medjax.models.DenseNet.
     config.model.name = "densenet121"
+    config.model.bn_size = 4  # Bottleneck width as a multiple of the growth rate.
     config.model.dropout_rate = 0.0
+    config.model.bn_momentum = 0.9
+    config.model.bn_epsilon = 1e-5
+    config.model.dtype = "float32"
     config.train.num_epochs = 1.0
     config.train.learning_rate = 1e-3
     return config

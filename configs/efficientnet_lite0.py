@@ -15,9 +15,14 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
     """Returns the EfficientNet-Lite0 configuration."""
     config = base.get_config()
+    config.model = ml_collections.ConfigDict()  # Fields of medjax.models.EfficientNetLite.
     config.model.name = "efficientnet_lite0"
+    config.model.stem_features = 32
+    config.model.head_features = 1280
     config.model.dropout_rate = 0.2
+    config.model.bn_momentum = 0.9
     config.model.bn_epsilon = 1e-3
+    config.model.dtype = "float32"
     config.train.num_epochs = 1.0
     config.train.learning_rate = 2e-3
     return config

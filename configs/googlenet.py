@@ -15,9 +15,12 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
     """Returns the GoogLeNet configuration."""
     config = base.get_config()
+    config.model = ml_collections.ConfigDict()  # Fields of medjax.models.GoogLeNet.
     config.model.name = "googlenet"
     config.model.dropout_rate = 0.2
+    config.model.bn_momentum = 0.9
     config.model.bn_epsilon = 1e-3
+    config.model.dtype = "float32"
     config.train.num_epochs = 2.0
     config.train.learning_rate = 1e-3
     return config

@@ -15,7 +15,9 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
     """Returns the LeNet-5 configuration."""
     config = base.get_config()
+    config.model = ml_collections.ConfigDict()  # Fields of medjax.models.LeNet5.
     config.model.name = "lenet5"
+    config.model.dtype = "float32"
     config.train.num_epochs = 5.0
     config.train.learning_rate = 2e-3
     return config

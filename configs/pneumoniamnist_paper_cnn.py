@@ -9,12 +9,13 @@ Expected: test ACC 0.896 ± 0.005, AUC 0.974 ± 0.002 over 3 seeds, ~1 min a run
 
 import ml_collections
 
+from configs import base
 from configs import pneumoniamnist
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the PneumoniaMNIST paper-CNN configuration."""
     config = pneumoniamnist.get_config()
-    config.model.name = "paper_cnn"
+    config.model = base.paper_cnn_model()
     config.data.image_size = 0  # Native 28x28.
     return config

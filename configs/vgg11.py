@@ -15,8 +15,14 @@ from configs import base
 def get_config() -> ml_collections.ConfigDict:
     """Returns the VGG-11 configuration."""
     config = base.get_config()
+    config.model = ml_collections.ConfigDict()  # Fields of medjax.models.VGG.
     config.model.name = "vgg11"
+    config.model.dense_features = 4096
+    config.model.pool_size = 7  # Adaptive average pooling to 7x7 before the head.
     config.model.dropout_rate = 0.5
+    config.model.bn_momentum = 0.9
+    config.model.bn_epsilon = 1e-5
+    config.model.dtype = "float32"
     config.train.batch_size = 64
     config.train.num_epochs = 1.0
     config.train.learning_rate = 5e-4

@@ -5,13 +5,15 @@ the 9216-wide classifier (and the parameter count) is the published one at any i
 last feature map is 1x1 and is repeated over the grid, exactly as torchvision's AlexNet does.
 """
 
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models import blocks
-from medjax.models import layers
+
+ModuleDef = Any
 
 
 class ConvSpec(NamedTuple):
@@ -52,22 +54,23 @@ class AlexNet(nn.Module):
     pool_size: int = 6
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        conv = functools.partial(self.conv, dtype=self.dtype)
         x = x.astype(self.dtype)
         for i, spec in enumerate(self.convs):
-            x = layers.Conv(
+            x = conv(
                 spec.features,
                 (spec.kernel, spec.kernel),
                 strides=(spec.stride, spec.stride),
                 padding=spec.padding,
-                dtype=self.dtype,
                 name=f"conv{i + 1}",
             )(x)
             x = nn.relu(x)
             if spec.pool == "floor":
-                x = layers.max_pool(x, (3, 3), strides=(2, 2))
+                x = nn.max_pool(x, (3, 3), strides=(2, 2))
             elif spec.pool == "ceil":
                 x = blocks.max_pool_ceil(x, 3, 2)
         x = blocks.adaptive_avg_pool(x, self.pool_size).reshape((x.shape[0], -1))

@@ -1,91 +1,52 @@
-"""Building blocks shared by the model zoo: conv-BN-activation, PyTorch/TensorFlow padding rules and
-adaptive pooling. Convolution and pooling go through `medjax.models.layers`, batch norm through
-`medjax.models.normalization`."""
+"""Plain flax helpers shared by the model zoo: conv -> norm -> activation, and the PyTorch / TensorFlow
+padding and pooling rules that the published models use (ceil-mode max-pooling, adaptive average
+pooling, TensorFlow 'SAME' padding)."""
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models import layers
-from medjax.models import normalization
-
-Padding = Any  # An int (symmetric), a string ('SAME'/'VALID') or ((lo, hi), (lo, hi)).
+ModuleDef = Any
 
 
-def _pair(value) -> tuple[int, int]:
+def pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def batch_norm(
-    *,
-    train: bool,
-    momentum: float,
-    epsilon: float,
-    dtype: Any,
-    activation: Optional[Callable] = None,
-    name: Optional[str] = None,
-    **kwargs,
-) -> normalization.BatchNorm:
-    """Batch norm (then `activation`, if any) that uses batch statistics in training and running
-    averages otherwise; `nn.BatchNorm`'s variables, rematerialised in the backward pass."""
-    return normalization.BatchNorm(
-        use_running_average=not train,
-        momentum=momentum,
-        epsilon=epsilon,
-        dtype=dtype,
-        activation=activation,
-        name=name,
-        **kwargs,
-    )
-
-
 class ConvBN(nn.Module):
-    """Conv -> batch norm -> activation (submodules `conv`, `bn`, like torchvision's BasicConv2d)."""
+    """conv -> norm -> activation as submodules `conv` and `bn`, like torchvision's BasicConv2d.
+
+    `conv` and `norm` arrive bound to the model's dtype, bias and batch-norm settings (partials of the
+    model's own `conv` and `norm` fields)."""
 
     features: int
-    kernel_size: Sequence[int]
-    strides: Sequence[int] = (1, 1)
-    padding: Padding = 0
-    use_bias: bool = False
-    feature_group_count: int = 1
+    kernel_size: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    padding: Any = 0  # An int (symmetric), 'SAME'/'VALID' or ((lo, hi), (lo, hi)).
     activation: Optional[Callable] = nn.relu
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_scale_init: Callable = nn.initializers.ones
-    bn_rematerialize: bool = True  # See medjax.models.normalization; False: plain autodiff.
-    dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        x = layers.Conv(
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = self.conv(
             self.features,
-            _pair(self.kernel_size),
-            strides=_pair(self.strides),
+            pair(self.kernel_size),
+            strides=pair(self.strides),
             padding=self.padding,
-            use_bias=self.use_bias,
-            feature_group_count=self.feature_group_count,
-            dtype=self.dtype,
             name="conv",
         )(x)
-        return batch_norm(
-            train=train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            scale_init=self.bn_scale_init,
-            activation=self.activation,  # Inside the batch norm's rematerialised function.
-            rematerialize=self.bn_rematerialize,
-            name="bn",
-        )(x)
+        x = self.norm(name="bn")(x)
+        return x if self.activation is None else self.activation(x)
 
 
 def tf_same_padding(spatial_shape, kernel_size, strides) -> tuple[tuple[int, int], ...]:
     """TensorFlow 'SAME' padding as explicit pairs: output ceil(n / stride), extra pixel at the end."""
     pads = []
-    for n, k, s in zip(spatial_shape, _pair(kernel_size), _pair(strides)):
+    for n, k, s in zip(spatial_shape, pair(kernel_size), pair(strides)):
         total = max((math.ceil(n / s) - 1) * s + k - n, 0)
         pads.append((total // 2, total - total // 2))
     return tuple(pads)
@@ -99,7 +60,7 @@ def max_pool_ceil(x: jnp.ndarray, window: int, stride: int, padding: int = 0) ->
         if (out - 1) * stride >= n + padding:  # The last window must start inside the input.
             out -= 1
         pads.append((padding, (out - 1) * stride + window - n - padding))
-    return layers.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
 
 
 def _adaptive_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -118,11 +79,11 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size) -> jnp.ndarray:
     output cell averages its PyTorch bin (bins may overlap, or repeat input cells when upsampling, as
     with AlexNet's 1x1 -> 6x6 at 64x64 inputs), written as two small averaging matrices.
     """
-    (h, w), (oh, ow) = x.shape[1:3], _pair(output_size)
+    (h, w), (oh, ow) = x.shape[1:3], pair(output_size)
     if h % oh == 0 and w % ow == 0:
         if (h, w) == (oh, ow):
             return x
-        return layers.avg_pool(x, (h // oh, w // ow), strides=(h // oh, w // ow))
+        return nn.avg_pool(x, (h // oh, w // ow), strides=(h // oh, w // ow))
     rows = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
     cols = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)

@@ -21,13 +21,15 @@ Not included: the drop-connect (stochastic depth) of TF's training recipe, which
 The stem takes the input's channel count, so grayscale inputs get a 3x3x1x32 stem kernel.
 """
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models import blocks
-from medjax.models import layers
+
+ModuleDef = Any
 
 
 class StageSpec(NamedTuple):
@@ -50,28 +52,15 @@ LITE0_STAGES = (
 )
 
 
-def _same_conv(x, features, kernel, stride=1, groups=1, *, dtype, name):
+def _same_conv(conv: ModuleDef, x, features, kernel, stride=1, groups=1, *, name):
+    """`conv` (kernel x kernel, stride) with TensorFlow 'SAME' padding for x's size."""
     padding = blocks.tf_same_padding(x.shape[1:3], kernel, stride)
-    return layers.Conv(
+    return conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=padding,
-        use_bias=False,
         feature_group_count=groups,
-        dtype=dtype,
-        name=name,
-    )(x)
-
-
-def _bn(module: nn.Module, x, train: bool, name: str, activation=None):
-    """Batch norm (then `activation`) with `module`'s momentum, epsilon and dtype, as its submodule."""
-    return blocks.batch_norm(
-        train=train,
-        momentum=module.bn_momentum,
-        epsilon=module.bn_epsilon,
-        dtype=module.dtype,
-        activation=activation,
         name=name,
     )(x)
 
@@ -83,30 +72,28 @@ class MBConv(nn.Module):
     kernel: int
     stride: int
     expand_ratio: int
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-3
-    dtype: Any = jnp.float32
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = x
         hidden = x.shape[-1] * self.expand_ratio
         if self.expand_ratio != 1:
-            y = _same_conv(y, hidden, 1, dtype=self.dtype, name="expand_conv")
-            y = _bn(self, y, train, "bn0", nn.relu6)
-        y = _same_conv(
-            y, hidden, self.kernel, self.stride, groups=hidden, dtype=self.dtype, name="depthwise_conv"
-        )
-        y = _bn(self, y, train, "bn1", nn.relu6)
-        y = _same_conv(y, self.features, 1, dtype=self.dtype, name="project_conv")
-        y = _bn(self, y, train, "bn2")
+            y = _same_conv(self.conv, y, hidden, 1, name="expand_conv")
+            y = nn.relu6(self.norm(name="bn0")(y))
+        y = _same_conv(self.conv, y, hidden, self.kernel, self.stride, groups=hidden, name="depthwise_conv")
+        y = nn.relu6(self.norm(name="bn1")(y))
+        y = _same_conv(self.conv, y, self.features, 1, name="project_conv")
+        y = self.norm(name="bn2")(y)
         if self.stride == 1 and x.shape[-1] == self.features:
             y = y + x
         return y
 
 
 class EfficientNetLite(nn.Module):
-    """Stem conv, MBConv stages, 1x1 head conv, global average pool, dropout, dense classifier."""
+    """Stem conv, MBConv stages (`blocks_0`, `blocks_1`, ...), 1x1 head conv, global average pool,
+    dropout, dense classifier."""
 
     num_classes: int
     stages: Sequence[StageSpec] = LITE0_STAGES
@@ -116,12 +103,22 @@ class EfficientNetLite(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-3
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
         x = x.astype(self.dtype)
-        x = _same_conv(x, self.stem_features, 3, 2, dtype=self.dtype, name="conv_stem")
-        x = _bn(self, x, train, "bn0", nn.relu6)
+        x = _same_conv(conv, x, self.stem_features, 3, 2, name="conv_stem")
+        x = nn.relu6(norm(name="bn0")(x))
         index = 0
         for stage in self.stages:
             for j in range(stage.repeats):
@@ -130,14 +127,13 @@ class EfficientNetLite(nn.Module):
                     stage.kernel,
                     stage.stride if j == 0 else 1,
                     stage.expand_ratio,
-                    bn_momentum=self.bn_momentum,
-                    bn_epsilon=self.bn_epsilon,
-                    dtype=self.dtype,
+                    conv=conv,
+                    norm=norm,
                     name=f"blocks_{index}",
-                )(x, train=train)
+                )(x)
                 index += 1
-        x = _same_conv(x, self.head_features, 1, dtype=self.dtype, name="conv_head")
-        x = _bn(self, x, train, "bn1", nn.relu6)
+        x = _same_conv(conv, x, self.head_features, 1, name="conv_head")
+        x = nn.relu6(norm(name="bn1")(x))
         x = blocks.global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)

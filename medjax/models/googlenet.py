@@ -5,12 +5,15 @@ the paper predates), the "5x5" branch uses a 3x3 kernel (a known torchvision qui
 the max-pools use ceil mode, and the auxiliary classifiers (training-only in the paper) are omitted.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models import blocks
+
+ModuleDef = Any
 
 # (1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool projection) output channels per Inception module.
 INCEPTION = {
@@ -30,31 +33,24 @@ class Inception(nn.Module):
     """Four parallel branches concatenated on channels: 1x1; 1x1-3x3; 1x1-3x3; 3x3 max-pool-1x1."""
 
     widths: tuple
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-3
-    dtype: Any = jnp.float32
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        def conv(features, kernel, name):
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        def conv_bn(features, kernel, name):
             return blocks.ConvBN(
-                features,
-                kernel,
-                padding=kernel // 2,
-                bn_momentum=self.bn_momentum,
-                bn_epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name=name,
+                features, kernel, conv=self.conv, norm=self.norm, padding=kernel // 2, name=name
             )
 
         c1, c3r, c3, c5r, c5, cp = self.widths
-        b1 = conv(c1, 1, "branch1")(x, train=train)
-        b2 = conv(c3r, 1, "branch2_0")(x, train=train)
-        b2 = conv(c3, 3, "branch2_1")(b2, train=train)
-        b3 = conv(c5r, 1, "branch3_0")(x, train=train)
-        b3 = conv(c5, 3, "branch3_1")(b3, train=train)
+        b1 = conv_bn(c1, 1, "branch1")(x)
+        b2 = conv_bn(c3r, 1, "branch2_0")(x)
+        b2 = conv_bn(c3, 3, "branch2_1")(b2)
+        b3 = conv_bn(c5r, 1, "branch3_0")(x)
+        b3 = conv_bn(c5, 3, "branch3_1")(b3)
         b4 = blocks.max_pool_ceil(x, 3, 1, padding=1)
-        b4 = conv(cp, 1, "branch4_1")(b4, train=train)
+        b4 = conv_bn(cp, 1, "branch4_1")(b4)
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
 
@@ -66,15 +62,25 @@ class GoogLeNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-3
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
+        conv_bn = functools.partial(blocks.ConvBN, conv=conv, norm=norm)
         x = x.astype(self.dtype)
-        bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
-        x = blocks.ConvBN(64, 7, 2, padding=3, name="conv1", **bn)(x, train=train)
+        x = conv_bn(64, 7, strides=2, padding=3, name="conv1")(x)
         x = blocks.max_pool_ceil(x, 3, 2)
-        x = blocks.ConvBN(64, 1, name="conv2", **bn)(x, train=train)
-        x = blocks.ConvBN(192, 3, padding=1, name="conv3", **bn)(x, train=train)
+        x = conv_bn(64, 1, name="conv2")(x)
+        x = conv_bn(192, 3, padding=1, name="conv3")(x)
         x = blocks.max_pool_ceil(x, 3, 2)
         # Inception stages, each followed by a ceil-mode max-pool (window, stride) except the last.
         for stage, pool in (
@@ -83,7 +89,7 @@ class GoogLeNet(nn.Module):
             (("5a", "5b"), None),
         ):
             for name in stage:
-                x = Inception(INCEPTION[name], name=f"inception{name}", **bn)(x, train=train)
+                x = Inception(INCEPTION[name], conv=conv, norm=norm, name=f"inception{name}")(x)
             if pool:
                 x = blocks.max_pool_ceil(x, *pool)
         x = blocks.global_avg_pool(x)

@@ -1,11 +1,12 @@
 """LeNet-5 (LeCun et al., 1998) in its common modern form: conv6-pool-conv16-pool-fc120-fc84-fc."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models import layers
+ModuleDef = Any
 
 
 class LeNet5(nn.Module):
@@ -19,14 +20,17 @@ class LeNet5(nn.Module):
 
     num_classes: int
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         del train  # No dropout or batch norm.
+        conv = functools.partial(self.conv, kernel_size=(5, 5), padding="VALID", dtype=self.dtype)
         x = x.astype(self.dtype)
-        for i, width in enumerate((6, 16)):
-            x = layers.Conv(width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
-            x = layers.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = nn.relu(conv(6, name="conv1")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(conv(16, name="conv2")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(120, dtype=self.dtype, name="fc1")(x))
         x = nn.relu(nn.Dense(84, dtype=self.dtype, name="fc2")(x))

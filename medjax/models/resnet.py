@@ -1,70 +1,79 @@
 """ResNet v1.5 (He et al., 2016; stride on the 3x3 conv of bottlenecks), as torchvision's resnet18/34/50."""
 
-from typing import Any, Sequence, Type
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models import blocks
-from medjax.models import layers
 
+ModuleDef = Any
 STEMS = ("imagenet", "small")
 
 
+def _shortcut(x, out_features: int, strides: int, conv: ModuleDef, norm: ModuleDef) -> jnp.ndarray:
+    """x itself, or a 1x1 conv-BN projection (`downsample`) when the block changes the shape."""
+    if strides == 1 and x.shape[-1] == out_features:
+        return x
+    return blocks.ConvBN(
+        out_features, 1, conv=conv, norm=norm, strides=strides, activation=None, name="downsample"
+    )(x)
+
+
+def _last_norm(norm: ModuleDef, zero_init_residual: bool) -> ModuleDef:
+    # Zero-init makes each residual branch start as the identity (Goyal et al., 2017).
+    return functools.partial(norm, scale_init=nn.initializers.zeros) if zero_init_residual else norm
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a projection shortcut when the shape changes."""
+    """Two 3x3 conv-BN layers (`conv_bn1`, `conv_bn2`), plus the shortcut, then ReLU."""
 
     features: int
+    conv: ModuleDef
+    norm: ModuleDef
     strides: int = 1
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
     zero_init_residual: bool = False
-    dtype: Any = jnp.float32
-
-    def _conv_bn(self, *args, **kwargs) -> blocks.ConvBN:
-        return blocks.ConvBN(
-            *args, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype, **kwargs
-        )
-
-    def _last_scale_init(self):
-        # Zero-init makes each residual branch start as the identity (Goyal et al., 2017).
-        return nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-
-    def _shortcut(self, x: jnp.ndarray, out_features: int, train: bool) -> jnp.ndarray:
-        if self.strides == 1 and x.shape[-1] == out_features:
-            return x
-        return self._conv_bn(out_features, 1, self.strides, activation=None, name="downsample")(
-            x, train=train
-        )
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        y = self._conv_bn(self.features, 3, self.strides, padding=1, name="conv_bn1")(x, train=train)
-        y = self._conv_bn(
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        conv_bn = functools.partial(blocks.ConvBN, conv=self.conv, norm=self.norm)
+        y = conv_bn(self.features, 3, strides=self.strides, padding=1, name="conv_bn1")(x)
+        y = conv_bn(
             self.features,
             3,
+            norm=_last_norm(self.norm, self.zero_init_residual),
             padding=1,
             activation=None,
-            bn_scale_init=self._last_scale_init(),
             name="conv_bn2",
-        )(y, train=train)
-        return nn.relu(y + self._shortcut(x, self.features, train))
+        )(y)
+        return nn.relu(y + _shortcut(x, self.features, self.strides, self.conv, self.norm))
 
 
-class Bottleneck(BasicBlock):
-    """1x1 reduce, 3x3 (strided), 1x1 expand by 4, and a projection shortcut when the shape changes."""
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4 (`conv_bn1..3`), plus the shortcut, then ReLU."""
 
+    features: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    zero_init_residual: bool = False
     expansion = 4  # Output channels per base width.
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        conv_bn = functools.partial(blocks.ConvBN, conv=self.conv, norm=self.norm)
         out_features = self.features * self.expansion
-        y = self._conv_bn(self.features, 1, name="conv_bn1")(x, train=train)
-        y = self._conv_bn(self.features, 3, self.strides, padding=1, name="conv_bn2")(y, train=train)
-        y = self._conv_bn(
-            out_features, 1, activation=None, bn_scale_init=self._last_scale_init(), name="conv_bn3"
-        )(y, train=train)
-        return nn.relu(y + self._shortcut(x, out_features, train))
+        y = conv_bn(self.features, 1, name="conv_bn1")(x)
+        y = conv_bn(self.features, 3, strides=self.strides, padding=1, name="conv_bn2")(y)
+        y = conv_bn(
+            out_features,
+            1,
+            norm=_last_norm(self.norm, self.zero_init_residual),
+            activation=None,
+            name="conv_bn3",
+        )(y)
+        return nn.relu(y + _shortcut(x, out_features, self.strides, self.conv, self.norm))
 
 
 class ResNet(nn.Module):
@@ -73,43 +82,50 @@ class ResNet(nn.Module):
     `stem='imagenet'` is the published 7x7/2 conv + 3x3/2 max-pool (4x downsampling); `stem='small'` is a
     3x3/1 conv without max-pool, for small inputs (as for CIFAR): every stage then sees 16x the pixels
     (ResNet-18 at 64x64: 4.1 instead of 0.21 GFLOPs). Parameter counts differ only by the stem kernel.
+    Submodules: `stem` (conv, bn), `layer{stage}_{block}` (stages from 1), `fc`.
     """
 
     num_classes: int
-    stage_sizes: Sequence[int] = (2, 2, 2, 2)
-    block: Type[BasicBlock] = BasicBlock
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
     stem: str = "imagenet"
     width: int = 64
     zero_init_residual: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+    max_pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         if self.stem not in STEMS:
             raise ValueError(f"Unknown ResNet stem={self.stem!r}; known: {STEMS}")
+        conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
         x = x.astype(self.dtype)
-        bn = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
         if self.stem == "imagenet":
-            # Plain autodiff for this batch norm: replaying it in the backward pass (as every other one)
-            # made XLA:CPU materialise the nine window pieces of the max-pool gradient, and ResNet-18 at
-            # 64x64, batch 128, took 7% longer per step with 438 instead of 390 MiB of XLA temp buffers.
-            x = blocks.ConvBN(self.width, 7, 2, padding=3, bn_rematerialize=False, name="stem", **bn)(
-                x, train=train
-            )
-            x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = blocks.ConvBN(self.width, 7, conv=conv, norm=norm, strides=2, padding=3, name="stem")(x)
+            x = self.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = blocks.ConvBN(self.width, 3, 1, padding=1, name="stem", **bn)(x, train=train)
+            x = blocks.ConvBN(self.width, 3, conv=conv, norm=norm, strides=1, padding=1, name="stem")(x)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
-                x = self.block(
-                    self.width * 2**i,
+                x = self.block_cls(
+                    features=self.width * 2**i,
+                    conv=conv,
+                    norm=norm,
                     strides=2 if i > 0 and j == 0 else 1,
                     zero_init_residual=self.zero_init_residual,
                     name=f"layer{i + 1}_{j}",
-                    **bn,
-                )(x, train=train)
+                )(x)
         x = blocks.global_avg_pool(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)

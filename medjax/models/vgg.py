@@ -4,13 +4,15 @@ The features end in PyTorch-style adaptive average pooling to 7x7, so the 25088-
 the parameter count) is the published one at any input size; at 64x64 the 2x2 map is spread over 7x7.
 """
 
+import functools
 from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax.models import blocks
-from medjax.models import layers
+
+ModuleDef = Any
 
 # Channels of each 3x3 conv; "M" is a 2x2 stride-2 max-pool. Configurations A and D of the paper.
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -18,7 +20,9 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 
 
 class VGG(nn.Module):
-    """conv3x3(+bias)-BN-ReLU stacks with max-pools, adaptive 7x7 pool, 4096-4096-class head with dropout."""
+    """conv3x3(+bias)-BN-ReLU stacks with max-pools, adaptive 7x7 pool, 4096-4096-class head with dropout.
+
+    The i-th conv layer is submodule `conv{i}` (its `conv` and `bn`), counting from 1."""
 
     num_classes: int
     layout: Sequence[Union[int, str]] = VGG11
@@ -28,26 +32,28 @@ class VGG(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        # torchvision keeps the conv bias in front of batch norm.
+        conv = functools.partial(self.conv, use_bias=True, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
         x = x.astype(self.dtype)
         num_convs = 0
         for item in self.layout:
             if item == "M":
-                x = layers.max_pool(x, (2, 2), strides=(2, 2))
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             num_convs += 1
-            x = blocks.ConvBN(
-                item,
-                3,
-                padding=1,
-                use_bias=True,  # torchvision keeps the conv bias in front of batch norm.
-                bn_momentum=self.bn_momentum,
-                bn_epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name=f"conv{num_convs}",
-            )(x, train=train)
+            x = blocks.ConvBN(item, 3, conv=conv, norm=norm, padding=1, name=f"conv{num_convs}")(x)
         x = blocks.adaptive_avg_pool(x, self.pool_size).reshape((x.shape[0], -1))
         for i in range(2):
             x = nn.relu(nn.Dense(self.dense_features, dtype=self.dtype, name=f"fc{i + 1}")(x))
