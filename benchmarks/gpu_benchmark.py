@@ -70,7 +70,7 @@ def main():
     import jax
     import numpy as np
 
-    from configs import base
+    from configs import resnet18
     from medjax import models, sharding, steps
 
     devices = jax.devices()
@@ -80,7 +80,7 @@ def main():
         flush=True,
     )
 
-    config = base.get_config()
+    config = resnet18.get_config()
     config.model.name = "resnet18"
     config.model.stem = args.stem
     config.model.dtype = args.dtype

@@ -70,21 +70,13 @@ CLASS_NAMES_SOURCE = "tensorflow_datasets.datasets.siscore.labels.IMAGENET_LABEL
 
 def model_config(name: str) -> ml_collections.ConfigDict:
     """The medjax `config.model` of a convertible model, with the source's batch-norm settings."""
-    config = ml_collections.ConfigDict(
-        {
-            "name": name,
-            "dtype": "float32",
-            "dropout_rate": 0.2,
-            "stem": "imagenet",
-            "zero_init_residual": False,
-            # PyTorch BN momentum 0.1 (torchvision) / 0.01 (EfficientNet, TF's 0.99) in flax's convention.
-            "bn_momentum": 0.9,
-            "bn_epsilon": 1e-5,
-        }
-    )
+    # PyTorch BN momentum 0.1 (torchvision) / 0.01 (EfficientNet, TF's 0.99) in flax's convention.
     if name == "efficientnet_lite0":
-        config.bn_momentum, config.bn_epsilon = 0.99, 1e-3
-    elif name not in ("resnet18", "resnet34", "resnet50"):
+        fields = {"dropout_rate": 0.2, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
+    else:
+        fields = {"stem": "imagenet", "zero_init_residual": False, "bn_momentum": 0.9, "bn_epsilon": 1e-5}
+    config = ml_collections.ConfigDict({"name": name, "dtype": "float32", **fields})
+    if name not in ("efficientnet_lite0", "resnet18", "resnet34", "resnet50"):
         raise ValueError(
             f"Cannot convert model {name!r}; known: efficientnet_lite0, resnet18, resnet34, resnet50."
         )

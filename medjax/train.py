@@ -81,7 +81,8 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh, prep, compiler_
     """
     num_batches = config.train.bn_calibration_batches
     stats_config = config.model.copy_and_resolve_references()
-    stats_config.bn_momentum = 0.0  # Each call returns exactly this batch's statistics.
+    if "bn_momentum" in stats_config:
+        stats_config.bn_momentum = 0.0  # Each call returns exactly this batch's statistics.
     stats_fn = jax.jit(
         functools.partial(
             steps.batch_statistics,

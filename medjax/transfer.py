@@ -79,7 +79,7 @@ STAGES: dict[str, tuple] = {
     "resnet50": _RESNET_STAGES,
     "densenet121": ((r"stem$", 0), (r"(?:denseblock|transition)(\d+)_", int), (r"norm5$", 4)),
     "googlenet": ((r"conv\d$", 0), (r"inception(\d)[a-z]$", lambda i: int(i) - 2)),
-    "paper_cnn": ((r"(?:conv|bn)(\d+)$", int), (r"fc$", 1000)),
+    "paper_cnn": ((r"block(\d+)$", int), (r"fc$", 1000)),
     "vgg11": _VGG_STAGES,
     "vgg16": _VGG_STAGES,
     "alexnet": _VGG_STAGES,
