@@ -2,6 +2,7 @@
 mismatch errors, and a tiny end-to-end fine-tune from a quick Medical MNIST workdir to a MedMNIST dataset."""
 
 import functools
+import importlib
 import json
 import os
 
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import lenet5
 from configs import quick
 from medjax import checkpointing, evaluate, models, sharding, steps, train, transfer
 from tests.step_runner import synthetic_batch
@@ -89,13 +91,16 @@ def test_sum_adapter_rewrites_the_first_kernel(tmp_path, source_channels, target
     config = _config()
     config.init_from = str(tmp_path / "src")
     _, _, state, _ = make_target(config, 2, (64, 64, target_channels))
-    kernel, original = np.asarray(state.params["conv0"]["kernel"]), source.params["conv0"]["kernel"]
+    kernel = np.asarray(state.params["block0"]["conv"]["kernel"])
+    original = source.params["block0"]["conv"]["kernel"]
     assert kernel.shape[2] == target_channels
     if target_channels == 1:  # A gray image x through the summed kernel == the RGB image (x, x, x).
         np.testing.assert_allclose(kernel, original.sum(axis=2, keepdims=True), rtol=1e-6)
     else:  # An RGB image (x, x, x) through the repeated kernel / 3 == the gray image x.
         np.testing.assert_allclose(kernel, np.repeat(original, 3, axis=2) / 3, rtol=1e-6)
-    np.testing.assert_array_equal(state.params["conv1"]["kernel"], source.params["conv1"]["kernel"])
+    np.testing.assert_array_equal(
+        state.params["block1"]["conv"]["kernel"], source.params["block1"]["conv"]["kernel"]
+    )
 
 
 def test_repeat_adapter_converts_the_images_instead(tmp_path):
@@ -106,7 +111,9 @@ def test_repeat_adapter_converts_the_images_instead(tmp_path):
     assert transfer.preprocessing(config)["channels"] == 1
     _, _, state, input_shape = make_target(config, 2, (64, 64, 3))
     assert input_shape == (64, 64, 1)
-    np.testing.assert_array_equal(state.params["conv0"]["kernel"], source.params["conv0"]["kernel"])
+    np.testing.assert_array_equal(
+        state.params["block0"]["conv"]["kernel"], source.params["block0"]["conv"]["kernel"]
+    )
     rgb = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     gray = steps.preprocess(rgb, mean=0.5, std=0.25, channels=1)
     np.testing.assert_allclose(gray[..., 0], (rgb.mean(-1) / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
@@ -127,9 +134,9 @@ def test_mismatches_are_errors_listing_them(tmp_path):
         _restore_into_abstract(config, 2, (64, 64, 1))
     message = str(error.value)
     for expected in (
-        "shape mismatch at params/conv1/kernel: source (3, 3, 4, 8) vs target (3, 3, 4, 16)",
-        "params/bn1/scale",
-        "batch_stats/bn1/mean",
+        "shape mismatch at params/block1/conv/kernel: source (3, 3, 4, 8) vs target (3, 3, 4, 16)",
+        "params/block1/bn/scale",
+        "batch_stats/block1/bn/mean",
     ):
         assert expected in message
     assert "params/head" not in message
@@ -143,7 +150,8 @@ def test_mismatches_are_errors_listing_them(tmp_path):
     config.data.mean = 0.4
     with pytest.raises(ValueError, match=r"config.data.mean=0.4 but the source was trained with mean=0.5"):
         _restore_into_abstract(config, 2, (64, 64, 1))
-    config = _config(name="lenet5")
+    config = _config()
+    config.model = lenet5.get_config().model
     config.init_from = str(tmp_path / "src")
     with pytest.raises(ValueError, match="config.model.name: source 'paper_cnn' vs 'lenet5'"):
         _restore_into_abstract(config, 2, (64, 64, 1))
@@ -191,7 +199,7 @@ def test_freezing_and_per_group_learning_rates(tmp_path):
 
     frozen = _one_step(tmp_path, "frozen_stages", frozen_stages=0, backbone_lr_multiplier=1.0)
     for path, delta in frozen.items():
-        if path.split("/")[0] in ("conv0", "bn0"):  # Stage 0: the stem.
+        if path.split("/")[0] == "block0":  # Stage 0: the stem.
             assert not delta.any(), path
         else:
             np.testing.assert_allclose(delta, full[path], rtol=1e-5, atol=1e-8)
@@ -203,7 +211,6 @@ def test_freezing_and_per_group_learning_rates(tmp_path):
 
 
 def test_heads_and_stages_of_zoo_models():
-    config = quick.get_config()
     expected = {
         "paper_cnn": ("head",),
         "lenet5": ("fc3",),
@@ -211,14 +218,15 @@ def test_heads_and_stages_of_zoo_models():
         "efficientnet_lite0": ("fc",),
     }
     for name, head in expected.items():
-        config.model.name = name
-        assert transfer.head_names(config.model, (64, 64, 1)) == head
+        model_config = importlib.import_module(f"configs.{name}").get_config().model
+        assert transfer.head_names(model_config, (64, 64, 1)) == head
     stages = [transfer.stage_of("efficientnet_lite0", f"blocks_{i}") for i in range(16)]
     assert stages == [1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7]
     assert transfer.stage_of("efficientnet_lite0", "conv_stem") == 0
     assert transfer.stage_of("resnet50", "layer3_5") == 3
+    assert [transfer.stage_of("paper_cnn", name) for name in ("block0", "block3", "fc")] == [0, 3, 1000]
     with pytest.raises(ValueError, match="stage layout of model 'mystery'"):
-        transfer.stage_of("mystery", "conv0")
+        transfer.stage_of("mystery", "block0")
 
 
 def test_end_to_end_fine_tune_from_a_medical_mnist_workdir(tmp_path):
