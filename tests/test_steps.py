@@ -29,6 +29,10 @@ def variables():
     return {"params": state.params, "batch_stats": batch_stats}
 
 
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
 def _softmax(logits):
     logits = np.asarray(logits, np.float64)
     e = np.exp(logits - logits.max(-1, keepdims=True))
@@ -84,24 +88,33 @@ def _state(model, tx):
     return steps.init_state(model, tx, jax.random.key(0), (64, 64, 1))
 
 
-def test_train_step_loss_is_the_smoothed_cross_entropy():
+def test_train_step_loss_accuracy_and_running_averages():
+    """Loss: label-smoothed cross-entropy of the train-mode logits; running averages: one momentum step
+    towards the batch's statistics (those of a momentum-0 batch norm)."""
     smoothing = 0.2
     model = _model()
     tx = optax.sgd(0.1)
     state = _state(model, tx)
     batch = step_runner.synthetic_batch(8)
-    _, got = _train_step(model, tx, smoothing)(state, batch)
-    logits, _ = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        steps.normalize(jnp.asarray(batch["image"]), MEAN, STD),
-        train=True,
-        mutable=["batch_stats"],
-    )
-    log_p = np.log(_softmax(logits))
+    new_state, got = _train_step(model, tx, smoothing)(state, batch)
+
+    images = steps.normalize(jnp.asarray(batch["image"]), MEAN, STD)
+    old = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, _ = model.apply(old, images, train=True, mutable=["batch_stats"])
     targets = np.full((8, 6), smoothing / 6)
     targets[np.arange(8), batch["label"]] += 1.0 - smoothing
-    assert float(got["loss"]) == pytest.approx(np.mean(-np.sum(targets * log_p, -1)), rel=1e-5)
+    loss = np.mean(-np.sum(targets * np.log(_softmax(logits)), -1))
+    assert float(got["loss"]) == pytest.approx(loss, rel=1e-5)
     assert float(got["accuracy"]) == np.mean(np.argmax(logits, -1) == batch["label"])
+
+    config = quick.get_config()
+    momentum = config.model.bn_momentum
+    config.model.update(dropout_rate=0.0, bn_momentum=0.0)
+    _, stats = models.create_model(config.model, 6).apply(old, images, train=True, mutable=["batch_stats"])
+    for was, this_batch, now in zip(
+        _leaves(state.batch_stats), _leaves(stats["batch_stats"]), _leaves(new_state.batch_stats), strict=True
+    ):
+        np.testing.assert_allclose(now, momentum * was + (1 - momentum) * this_batch, rtol=1e-4, atol=1e-6)
 
 
 def test_dropout_masks_change_with_the_step_and_are_reproducible():

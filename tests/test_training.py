@@ -131,19 +131,25 @@ def test_final_reports_are_the_final_checkpoint_s_predictions(run):
 
 
 def test_resume_starts_from_the_checkpoint_s_state(run, tmp_path):
-    """A workdir whose step-2 checkpoint holds weights the run never had (another initialisation): the
-    resumed run trains steps 3-4 from them, so its final weights stay within two optimizer steps of them
-    (AdamW moves a weight by at most a few learning rates a step), far from the original run's."""
+    """A workdir whose step-2 checkpoint holds weights the run never had (another initialisation) and
+    running averages raised by 10: the resumed run trains steps 3-4 from them, so its final weights stay
+    within two optimizer steps of them (AdamW moves a weight by at most a few learning rates a step), far
+    from the original run's, and its running averages keep most of the raise."""
     config, workdir, _ = run
     checkpoint = _restore(config, workdir, 2)
     model = models.create_model(config.model, 6)
     other = steps.init_state(model, steps.create_optimizer(config.train, 4), jax.random.key(99), (64, 64, 1))
-    planted = checkpoint.replace(params=jax.device_get(other.params))
+    planted = checkpoint.replace(
+        params=jax.device_get(other.params),
+        batch_stats=jax.tree_util.tree_map(lambda x: x + 10.0, checkpoint.batch_stats),
+    )
     resumed = str(tmp_path / "resumed")
     manager = checkpointing.create_manager(resumed)
     checkpointing.save(manager, 2, planted, {"batch_stats": "running averages"})
     manager.wait_until_finished()
 
+    config = config.copy_and_resolve_references()
+    config.train.bn_calibration_batches = 0  # The final batch-norm statistics are the running averages.
     reports = train.train_and_evaluate(config, resumed)
     assert {r["checkpoint_step"] for r in reports.values()} == {4}
     final = _restore(config, resumed, 4)
@@ -152,6 +158,8 @@ def test_resume_starts_from_the_checkpoint_s_state(run, tmp_path):
     assert _max_abs_diff(final.params, planted.params) < bound
     original = _restore(config, workdir, 4)
     assert _max_abs_diff(original.params, planted.params) > 10 * bound  # The test's premise.
+    # Two batch-norm momentum (0.9) steps keep 0.81 of the planted running averages, which are >= 10.
+    assert min(float(np.min(x)) for x in _leaves(final.batch_stats)) > 5.0
     # The optimizer state went on from the checkpoint's too (Adam's step count).
     counts = [c for c in jax.tree_util.tree_leaves(final.opt_state) if np.ndim(c) == 0]
     assert counts and all(int(c) == 4 for c in counts), counts
