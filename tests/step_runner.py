@@ -23,10 +23,17 @@ def synthetic_batch(batch_size=16, seed=0):
     return {"image": images.astype(np.uint8), "label": labels}
 
 
-def run(num_steps, batch=None):
-    """Returns (losses, final state as numpy) after `num_steps` steps on one fixed batch."""
+def model_config(dtype="float32"):
+    """The quick config's model without dropout, computing in `dtype`."""
     config = quick.get_config()
     config.model.dropout_rate = 0.0
+    config.model.dtype = dtype
+    return config
+
+
+def run(num_steps, batch=None, dtype="float32"):
+    """Returns (losses, final state as numpy) after `num_steps` steps on one fixed batch."""
+    config = model_config(dtype)
     batch = batch or synthetic_batch()
     mesh = sharding.create_mesh()
     model = models.create_model(config.model, 6)

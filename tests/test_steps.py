@@ -24,7 +24,9 @@ def _model(dropout_rate=0.0):
 @pytest.fixture(scope="module")
 def variables():
     """Fresh weights with batch-norm running averages unlike any batch's statistics."""
-    state = steps.init_state(_model(), optax.sgd(0.1), jax.random.key(0), (64, 64, 1))
+    state = jax.jit(functools.partial(steps.init_state, _model(), optax.sgd(0.1), image_shape=(64, 64, 1)))(
+        jax.random.key(0)
+    )
     batch_stats = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.2, state.batch_stats)
     return {"params": state.params, "batch_stats": batch_stats}
 
@@ -39,8 +41,18 @@ def _softmax(logits):
     return e / e.sum(-1, keepdims=True)
 
 
+def _infer(model, variables, images):
+    """Inference-mode logits (jit-compiled: op by op the model is slow)."""
+    return jax.jit(functools.partial(model.apply, train=False))(variables, images)
+
+
+def _train_mode(model, variables, images):
+    """Train-mode (logits, {'batch_stats': this batch's update}) without dropout."""
+    return jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, images)
+
+
 def _inference_probs(model, variables, images):
-    logits = model.apply(variables, steps.normalize(jnp.asarray(images), MEAN, STD), train=False)
+    logits = _infer(model, variables, steps.normalize(jnp.asarray(images), MEAN, STD))
     return _softmax(logits)
 
 
@@ -85,7 +97,7 @@ def _train_step(model, tx, label_smoothing=0.0, dropout_key=1):
 
 
 def _state(model, tx):
-    return steps.init_state(model, tx, jax.random.key(0), (64, 64, 1))
+    return jax.jit(functools.partial(steps.init_state, model, tx, image_shape=(64, 64, 1)))(jax.random.key(0))
 
 
 def test_train_step_loss_accuracy_and_running_averages():
@@ -100,7 +112,7 @@ def test_train_step_loss_accuracy_and_running_averages():
 
     images = steps.normalize(jnp.asarray(batch["image"]), MEAN, STD)
     old = {"params": state.params, "batch_stats": state.batch_stats}
-    logits, _ = model.apply(old, images, train=True, mutable=["batch_stats"])
+    logits, _ = _train_mode(model, old, images)
     targets = np.full((8, 6), smoothing / 6)
     targets[np.arange(8), batch["label"]] += 1.0 - smoothing
     loss = np.mean(-np.sum(targets * np.log(_softmax(logits)), -1))
@@ -110,7 +122,7 @@ def test_train_step_loss_accuracy_and_running_averages():
     config = quick.get_config()
     momentum = config.model.bn_momentum
     config.model.update(dropout_rate=0.0, bn_momentum=0.0)
-    _, stats = models.create_model(config.model, 6).apply(old, images, train=True, mutable=["batch_stats"])
+    _, stats = _train_mode(models.create_model(config.model, 6), old, images)
     for was, this_batch, now in zip(
         _leaves(state.batch_stats), _leaves(stats["batch_stats"]), _leaves(new_state.batch_stats), strict=True
     ):

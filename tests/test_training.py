@@ -59,6 +59,16 @@ def _abstract(config, num_classes=6):
     )
 
 
+def _infer(model, variables, images):
+    """Inference-mode logits (jit-compiled: op by op the model is slow)."""
+    return jax.jit(functools.partial(model.apply, train=False))(variables, images)
+
+
+def _train_mode(model, variables, images):
+    """Train-mode (logits, {'batch_stats': this batch's update}) without dropout."""
+    return jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, images)
+
+
 def _restore(config, workdir, step):
     manager = checkpointing.create_manager(workdir, read_only=True)
     return jax.device_get(checkpointing.restore_state(manager, step, _abstract(config)))
@@ -94,13 +104,8 @@ def test_final_batch_norm_statistics_are_those_of_the_clean_training_set(run):
     stats_config.bn_momentum = 0.0
     model = models.create_model(stats_config, 6)
     images = steps.preprocess(jnp.asarray(data["train"]["image"]), mean=config.data.mean, std=config.data.std)
-    _, updates = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        images,
-        train=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": jax.random.key(0)},
-    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    _, updates = _train_mode(model, variables, images)
     expected = jax.device_get(updates["batch_stats"])
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(state.batch_stats)
     for want, got in zip(_leaves(expected), _leaves(state.batch_stats), strict=True):
@@ -121,7 +126,7 @@ def test_final_reports_are_the_final_checkpoint_s_predictions(run):
         images = steps.preprocess(
             jnp.asarray(data[role]["image"]), mean=config.data.mean, std=config.data.std
         )
-        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+        logits = _infer(model, {"params": state.params, "batch_stats": state.batch_stats}, images)
         predicted = np.argmax(np.asarray(logits), -1)
         labels = data[role]["label"]
         confusion = np.zeros((6, 6), int)
@@ -138,7 +143,11 @@ def test_resume_starts_from_the_checkpoint_s_state(run, tmp_path):
     config, workdir, _ = run
     checkpoint = _restore(config, workdir, 2)
     model = models.create_model(config.model, 6)
-    other = steps.init_state(model, steps.create_optimizer(config.train, 4), jax.random.key(99), (64, 64, 1))
+    other = jax.jit(
+        functools.partial(
+            steps.init_state, model, steps.create_optimizer(config.train, 4), image_shape=(64, 64, 1)
+        )
+    )(jax.random.key(99))
     planted = checkpoint.replace(
         params=jax.device_get(other.params),
         batch_stats=jax.tree_util.tree_map(lambda x: x + 10.0, checkpoint.batch_stats),
