@@ -62,7 +62,8 @@ def test_train_pipeline_stops_promptly_mid_stream():
 def test_resume_continues_the_same_stream():
     full = _batches(0, 10)
     resumed = _batches(6, 4)
-    for a, b in zip(full[6:], resumed):
+    assert len(full) == 10 and len(resumed) == 4
+    for a, b in zip(full[6:], resumed, strict=True):
         np.testing.assert_array_equal(a["label"], b["label"])
         np.testing.assert_array_equal(a["image"], b["image"])
 
@@ -93,7 +94,7 @@ def test_process_slices_reassemble_the_global_batch():
 def test_augmentation_changes_pixels_but_not_labels():
     plain = _batches(0, 2, augment=False)
     augmented = _batches(0, 2, augment=True)
-    for a, b in zip(plain, augmented):
+    for a, b in zip(plain, augmented, strict=True):
         np.testing.assert_array_equal(a["label"], b["label"])
         assert np.mean(a["image"] != b["image"]) > 0.5
 
@@ -126,7 +127,7 @@ def test_eval_covers_every_example_exactly_once(num_examples, process_count):
         for p in range(process_count)
     ]
     seen = []
-    for batches in zip(*per_process):
+    for batches in zip(*per_process, strict=True):
         for batch in batches:
             assert batch["image"].shape == (8 // process_count, 64, 64, 1)
             seen.extend(batch["label"][batch["mask"] > 0].tolist())
