@@ -65,8 +65,9 @@ def _infer(model, variables, images):
 
 
 def _train_mode(model, variables, images):
-    """Train-mode (logits, {'batch_stats': this batch's update}) without dropout."""
-    return jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, images)
+    """Train-mode (logits, {'batch_stats': this batch's update})."""
+    apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+    return jax.jit(apply)(variables, images, rngs={"dropout": jax.random.key(0)})
 
 
 def _restore(config, workdir, step):
@@ -93,26 +94,33 @@ def test_run_saves_every_other_step_and_reports_the_final_one(run):
     assert {r["num_examples"] for r in reports.values()} == {6}
 
 
-def test_final_batch_norm_statistics_are_those_of_the_clean_training_set(run):
-    """Calibration replaces the running averages (gathered on augmented batches) by the statistics of
-    clean training batches; here every calibration batch is the whole clean training split, so the
-    expected statistics are one train-mode pass over it with a momentum-0 batch norm."""
-    config, workdir, _ = run
-    state = _restore(config, workdir, 4)
+def _clean_training_set_statistics(config, state):
+    """Batch-norm statistics of one train-mode pass over the whole clean training split."""
     data, _ = train.load_data(config)
     stats_config = config.model.copy_and_resolve_references()
     stats_config.bn_momentum = 0.0
     model = models.create_model(stats_config, 6)
     images = steps.preprocess(jnp.asarray(data["train"]["image"]), mean=config.data.mean, std=config.data.std)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    _, updates = _train_mode(model, variables, images)
-    expected = jax.device_get(updates["batch_stats"])
+    _, updates = _train_mode(model, {"params": state.params, "batch_stats": state.batch_stats}, images)
+    return jax.device_get(updates["batch_stats"])
+
+
+def test_final_batch_norm_statistics_are_those_of_the_clean_training_set(run):
+    """Calibration replaces the running averages (gathered on augmented batches) by the statistics of
+    clean training batches; here every calibration batch is the whole clean training split."""
+    config, workdir, _ = run
+    state = _restore(config, workdir, 4)
+    expected = _clean_training_set_statistics(config, state)
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(state.batch_stats)
     for want, got in zip(_leaves(expected), _leaves(state.batch_stats), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    # The intermediate checkpoint keeps running averages, which are not the clean statistics.
-    running = _restore(config, workdir, 2).batch_stats
-    assert _max_abs_diff(running, expected) > 1e-2
+
+
+def test_intermediate_checkpoints_keep_the_running_averages(run):
+    """An exact resume needs the running averages, so checkpoints before the last are not calibrated."""
+    config, workdir, _ = run
+    state = _restore(config, workdir, 2)
+    assert _max_abs_diff(state.batch_stats, _clean_training_set_statistics(config, state)) > 1e-2
 
 
 def test_final_reports_are_the_final_checkpoint_s_predictions(run):
