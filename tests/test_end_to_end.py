@@ -98,7 +98,7 @@ def test_resume_continues_from_the_saved_step_exactly(trained, tmp_path):
     for w in (workdir, resumed):
         manager = checkpointing.create_manager(w, read_only=True)
         states.append(manager.restore(last).state)
-    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1]), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
