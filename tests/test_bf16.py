@@ -3,8 +3,9 @@
 Weights, optimizer state and batch-norm statistics stay float32; activations are rounded to bfloat16,
 whose 8-bit significand holds a value to within 2^-9 (0.2%) of itself. The quick model rounds its input
 and the output of each of its two convolution blocks and two dense layers, so its logits may drift by a
-few of those roundings: logits are compared to float32 within 2^-6 (1.6%) of the largest logit (measured:
-0.7%), probabilities within 0.02.
+few of those roundings: logits are compared to float32 within 2^-6 (1.6%) of the largest logit (0.7% on
+the test's weights), and probabilities within half that, since a softmax moves no probability by more than
+half the largest change of a logit.
 """
 
 import functools
@@ -12,7 +13,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from medjax import checkpointing, evaluation, models, sharding, steps
@@ -23,18 +23,13 @@ MEAN, STD = 0.5, 0.25
 
 @pytest.fixture(scope="module")
 def trained():
-    """(losses, state) of 10 bfloat16 steps on one batch, from the same initial weights as float32."""
+    """(losses, state) of 10 bfloat16 steps on one batch."""
     return step_runner.run(num_steps=10, dtype="bfloat16")
 
 
 def _infer(model, variables, images):
     """Inference-mode logits (jit-compiled: op by op the model is slow)."""
     return jax.jit(functools.partial(model.apply, train=False))(variables, images)
-
-
-def _train_mode(model, variables, images):
-    """Train-mode (logits, {'batch_stats': this batch's update}) without dropout."""
-    return jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, images)
 
 
 def _model(dtype):
@@ -49,16 +44,6 @@ def test_train_step_learns_with_float32_weights(trained):
         assert np.all(np.isfinite(leaf))
     for leaf in jax.tree_util.tree_leaves((state.params, state.batch_stats)):
         assert leaf.dtype == np.float32
-    # The first loss is that of the shared initial weights: float32's within bfloat16 rounding.
-    model = _model("float32")
-    init = jax.jit(functools.partial(steps.init_state, model, optax.sgd(0.1), image_shape=(64, 64, 1)))(
-        jax.random.key(0)
-    )
-    batch = step_runner.synthetic_batch()
-    variables = {"params": init.params, "batch_stats": init.batch_stats}
-    logits, _ = _train_mode(model, variables, steps.normalize(jnp.asarray(batch["image"]), MEAN, STD))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    assert losses[0] == pytest.approx(float(loss), rel=2**-6)
 
 
 def _abstract(state, mesh):
@@ -107,4 +92,4 @@ def test_evaluation_matches_float32_within_bfloat16_rounding(restored):
     }
     assert probs["bfloat16"].dtype == np.float32
     np.testing.assert_allclose(probs["bfloat16"].sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(probs["bfloat16"], probs["float32"], atol=0.02)
+    np.testing.assert_allclose(probs["bfloat16"], probs["float32"], atol=2**-7 * scale)
