@@ -37,6 +37,9 @@ def prepare(
             manual_dir = os.environ.get("MEDJAX_MANUAL_DIR") or None
         if manual_dir is not None and not os.path.isdir(manual_dir):
             raise FileNotFoundError(f"Manual dir {manual_dir!r} does not exist.")
+        if manual_dir is not None and not any(not e.startswith(".") for e in os.listdir(manual_dir)):
+            # TFDS would treat an empty manual dir as none given, and Medical MNIST would download.
+            raise FileNotFoundError(f"Manual dir {manual_dir!r} is empty.")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
 
