@@ -13,6 +13,7 @@ if __name__ == "__main__":  # Not on import: it may re-execute the process (see 
 
 import json  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -50,11 +51,30 @@ def evaluate_checkpoint(
     tfds_dir: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    """Restores `workdir`'s checkpoint and returns the report for a split or a folder."""
+    """Restores `workdir`'s checkpoint and returns the report for a split or a folder.
+
+    A damaged checkpoint raises checkpointing.BadCheckpointError when `step` names it; without `step`,
+    the newest checkpoint that restores and matches its checksums is used (each bad one is logged).
+    """
     if (split is None) == (folder is None):
         raise ValueError("Give exactly one of split or folder.")
     manager = checkpointing.create_manager(workdir, read_only=True)
-    step = checkpointing.resolve_step(manager, step)
+    options = dict(
+        split=split, folder=folder, manual_dir=manual_dir, tfds_dir=tfds_dir, batch_size=batch_size
+    )
+    if step is not None:
+        return _evaluate_step(manager, workdir, checkpointing.resolve_step(manager, step), **options)
+    candidates = sorted(manager.all_steps(), reverse=True) or [checkpointing.resolve_step(manager, None)]
+    for candidate in candidates:
+        try:
+            return _evaluate_step(manager, workdir, candidate, **options)
+        except checkpointing.BadCheckpointError as e:
+            if candidate == candidates[-1]:
+                raise
+            logging.error("%s; trying the next older checkpoint.", e)
+
+
+def _evaluate_step(manager, workdir, step, *, split, folder, manual_dir, tfds_dir, batch_size) -> dict:
     metadata = checkpointing.restore_metadata(manager, step)
     config = ml_collections.ConfigDict(metadata["config"])
     class_names = metadata["class_names"]
@@ -107,15 +127,18 @@ def main(argv):
     logging.info(
         "Allocator: %s; XLA: %s; dispatch: %s", runtime.status, runtime.xla_status, runtime.dispatch_status
     )
-    report = evaluate_checkpoint(
-        _WORKDIR.value,
-        step=_STEP.value,
-        split=_SPLIT.value,
-        folder=_FOLDER.value,
-        manual_dir=_MANUAL_DIR.value,
-        tfds_dir=_TFDS_DIR.value,
-        batch_size=_BATCH_SIZE.value,
-    )
+    try:
+        report = evaluate_checkpoint(
+            _WORKDIR.value,
+            step=_STEP.value,
+            split=_SPLIT.value,
+            folder=_FOLDER.value,
+            manual_dir=_MANUAL_DIR.value,
+            tfds_dir=_TFDS_DIR.value,
+            batch_size=_BATCH_SIZE.value,
+        )
+    except checkpointing.BadCheckpointError as e:
+        sys.exit(str(e))  # One line on stderr, exit status 1.
     name = _SPLIT.value or os.path.basename(os.path.normpath(_FOLDER.value))
     paths = [os.path.join(_WORKDIR.value, "eval", f'{name}_step{report["checkpoint_step"]}.json')]
     if _OUTPUT.value:

@@ -154,6 +154,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
 

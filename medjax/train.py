@@ -13,16 +13,20 @@ import numpy as np
 
 import medjax
 from medjax import checkpointing
+from medjax import checks
 from medjax import datasets
 from medjax import evaluation
 from medjax import files
+from medjax import guard
 from medjax import input_pipeline
 from medjax import models
 from medjax import native
+from medjax import preemption
 from medjax import runtime
 from medjax import sharding
 from medjax import steps
 from medjax import transfer
+from medjax import workdir as workdir_lib
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
@@ -121,7 +125,15 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh, prep, compiler_
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final reports."""
+    """Trains `config` in `workdir` (resuming from its newest good checkpoint) and returns the final
+    reports. The config is checked first; the workdir is locked for the run; SIGTERM/SIGINT stop it with
+    a checkpoint (raising preemption.Preempted; see medjax/preemption.py)."""
+    checks.check_config(config)
+    with workdir_lib.lock(workdir, enabled=jax.process_index() == 0), preemption.handler() as stopper:
+        return _train_and_evaluate(config, workdir, stopper)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper: preemption.Stopper) -> dict:
     sharding.check_batch_size(config.train.batch_size, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, "config.eval.batch_size")
     mesh = sharding.create_mesh()
@@ -157,10 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     manager = checkpointing.create_manager(workdir, max_to_keep=config.train.max_checkpoints_to_keep)
     metadata = checkpoint_metadata(config, class_names, image_shape, prep)
-    start_step = 0
-    if manager.latest_step() is not None:
-        start_step = manager.latest_step()
-        state = checkpointing.restore_state(manager, start_step, state)
+    restored_step, state = checkpointing.restore_newest_good(manager, state)
+    start_step = restored_step or 0
+    if restored_step is not None:
         logging.info("Resumed from %s at step %d.", manager.directory, start_step)
     else:
         state = transfer.init_from(config, state, tx, input_shape, replicated)
@@ -210,8 +221,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         compiler_options or "default",
     )
     history, last_log = [], (start_step, time.time())
+    nonfinite = guard.NonFiniteGuard()
     for step, local_batch in zip(range(start_step + 1, total_steps + 1), train_ds.as_numpy_iterator()):
         state, step_metrics = train_step(state, sharding.to_global(local_batch, mesh))
+        nonfinite.update(step, step_metrics)
         history.append(step_metrics)
         if step == start_step + 1:
             logging.info(
@@ -221,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             runtime.release_free_memory()  # What compiling left free in the heap.
         if step % config.train.log_every_steps == 0 or step == total_steps:
+            nonfinite.check(step, manager.directory)
             summary = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
             elapsed = time.time() - last_log[1]
             summary["images_per_second"] = (step - last_log[0]) * config.train.batch_size / elapsed
@@ -229,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
             history, last_log = [], (step, time.time())
         if step % eval_every == 0 and step != total_steps:
+            nonfinite.check(step, manager.directory)
             report = run_eval("eval", calibrate(state))
             writer.write_scalars(
                 step, {"eval/accuracy": report["accuracy"], "eval/macro_auc": report["macro_auc"]}
@@ -246,13 +261,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.info("Stopping early at step %d: accuracy reached %s.", step, target)
                 total_steps = step  # The final checkpoint and reports are for this step.
                 break
-        if step % config.train.checkpoint_every_steps == 0 and step != total_steps:
+        saved = step % config.train.checkpoint_every_steps == 0 and step != total_steps
+        if saved:
+            nonfinite.check(step, manager.directory)
             checkpointing.save(manager, step, state, metadata | {"batch_stats": "running averages"})
+        if step != total_steps and stopper.reached(step):
+            if not saved:
+                nonfinite.check(step, manager.directory)
+                checkpointing.save(manager, step, state, metadata | {"batch_stats": "running averages"})
+            stopper.stop(manager, step)
     if start_step < total_steps:
         # The final checkpoint carries calibrated statistics; intermediate ones keep the running averages
         # that an exact resume needs.
         state = calibrate(state)
         calibration = f"calibrated on {config.train.bn_calibration_batches} clean training batches"
+        nonfinite.check(total_steps, manager.directory)
         checkpointing.save(manager, total_steps, state, metadata | {"batch_stats": calibration})
     manager.wait_until_finished()
 
