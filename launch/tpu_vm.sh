@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Runs medjax on every worker of a Cloud TPU VM (single host or pod slice).
+# Creates, sets up, runs medjax on every worker of, and deletes a Cloud TPU VM (single host or pod slice).
 #
-#   launch/tpu_vm.sh setup TPU_NAME ZONE            copy this checkout to all workers and install it
-#   launch/tpu_vm.sh train TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]
-#   launch/tpu_vm.sh eval  TPU_NAME ZONE WORKDIR [--split=test ...]
+#   launch/tpu_vm.sh create TPU_NAME ZONE [ACCELERATOR_TYPE]   default v5litepod-8 (RUNTIME_VERSION: below)
+#   launch/tpu_vm.sh setup  TPU_NAME ZONE            copy this checkout to all workers and install it
+#   launch/tpu_vm.sh train  TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]
+#   launch/tpu_vm.sh eval   TPU_NAME ZONE WORKDIR [--split=test ...]
+#   launch/tpu_vm.sh delete TPU_NAME ZONE
 #
 # WORKDIR and config.data.tfds_dir should be gs:// paths that every worker can read. Process 0 prepares
 # the dataset (from config.data.manual_dir, which only it needs to see) before the others read it.
-# Set DRY_RUN=1 to print the gcloud commands instead of running them.
+# On preemption (SIGTERM) training saves a checkpoint and exits with status 75; rerun `train` to resume.
+# Set DRY_RUN=1 to print the commands instead of running them.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" >&2; exit 2; }
+# TPU software version for `create`; unset, the one Cloud TPU's docs give for JAX on the accelerator.
+runtime_version() {
+  case "$1" in
+    v6e*) echo v2-alpha-tpuv6e ;;
+    v5litepod* | v5e*) echo v2-alpha-tpuv5-lite ;;
+    v5p*) echo v2-alpha-tpuv5 ;;
+    *) echo tpu-ubuntu2204-base ;;
+  esac
+}
+
+usage() { sed -n '2,15p' "$0" >&2; exit 2; }
 [ $# -ge 3 ] || usage
 action=$1 tpu=$2 zone=$3
 shift 3
@@ -25,6 +38,12 @@ on_all_workers() {
 }
 
 case "$action" in
+  create)
+    [ $# -le 1 ] || usage
+    type=${1:-v5litepod-8}
+    run gcloud compute tpus tpu-vm create "$tpu" --zone="$zone" --accelerator-type="$type" \
+      --version="${RUNTIME_VERSION:-$(runtime_version "$type")}"
+    ;;
   setup)
     repo=$(cd "$(dirname "$0")/.." && pwd)
     archive=$(mktemp -d)/medjax.tar.gz
@@ -47,6 +66,10 @@ case "$action" in
     # Evaluation restores on one host; the result is exact and includes every example.
     run gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=0 \
       --command="cd $remote_dir && .venv/bin/python -m medjax.evaluate --workdir=$workdir$extra"
+    ;;
+  delete)
+    [ $# -eq 0 ] || usage
+    run gcloud compute tpus tpu-vm delete "$tpu" --zone="$zone" --quiet
     ;;
   *) usage ;;
 esac
