@@ -21,17 +21,17 @@ from medjax import checkpointing, checks, datasets, evaluate, guard, preemption,
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")
-TOTAL_STEPS = 300  # 3 steps an epoch on the fixture's 27 training images at batch 8.
+TOTAL_STEPS = 150  # 50 epochs of 3 steps (the fixture's training split at batch 8).
 
 
 def _config(tfds_dir, **train_fields):
     config = quick.get_config()
     config.data.manual_dir = FIXTURE_ROOT
     config.data.tfds_dir = str(tfds_dir)
-    config.train.num_epochs = 100.0
+    config.train.num_epochs = 50.0
     config.train.eval_every_steps = 10**6
-    config.train.log_every_steps = 100
-    config.train.checkpoint_every_steps = 100
+    config.train.log_every_steps = 50
+    config.train.checkpoint_every_steps = 50
     config.train.max_checkpoints_to_keep = 3
     for key, value in train_fields.items():
         config.train[key] = value
@@ -69,11 +69,11 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tfds_dir):
-    """An uninterrupted run: (config, workdir) with checkpoints at steps 100, 200 and 300."""
+    """An uninterrupted run: (config, workdir) with checkpoints at steps 50, 100 and 150."""
     config = _config(tfds_dir)
     path = str(tmp_path_factory.mktemp("reference") / "run")
     train.train_and_evaluate(config, path)
-    assert _steps(path) == [100, 200, TOTAL_STEPS]
+    assert _steps(path) == [50, 100, TOTAL_STEPS]
     return config, path
 
 
@@ -242,7 +242,7 @@ def test_evaluating_a_damaged_checkpoint_fails_in_one_line_naming_it(reference, 
     assert message.startswith(f"Bad checkpoint {os.path.join(path, 'checkpoints', str(TOTAL_STEPS))}: ")
     # Without a step, the newest good checkpoint is evaluated.
     report = evaluate.evaluate_checkpoint(path, split="test")
-    assert report["checkpoint_step"] == 200
+    assert report["checkpoint_step"] == 100
 
 
 def test_training_sets_a_damaged_checkpoint_aside_and_resumes_from_the_newest_good_one(reference, tmp_path):
@@ -250,11 +250,11 @@ def test_training_sets_a_damaged_checkpoint_aside_and_resumes_from_the_newest_go
     path = str(tmp_path / "run")
     shutil.copytree(source, path)
     shutil.rmtree(os.path.join(path, "checkpoints", str(TOTAL_STEPS)))
-    _damage(path, 200, "overwritten")  # The newest checkpoint is bad; 100 is the last good one.
+    _damage(path, 100, "overwritten")  # The newest checkpoint is bad; 50 is the last good one.
     config = _config(reference[0].data.tfds_dir, max_checkpoints_to_keep=2)
     train.train_and_evaluate(config, path)
-    assert os.listdir(os.path.join(path, "bad_checkpoints")) == ["200"]
-    assert _steps(path) == [200, TOTAL_STEPS]
+    assert os.listdir(os.path.join(path, "bad_checkpoints")) == ["100"]
+    assert _steps(path) == [100, TOTAL_STEPS]
     step, state = _final_state(path)
     assert step == TOTAL_STEPS
     _assert_same_state(state, _final_state(reference[1])[1])
@@ -284,7 +284,7 @@ train.train_and_evaluate(test_faults._config(sys.argv[1]), sys.argv[2])
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_resumed_run_ends_identical(reference, tmp_path):
-    """A run in another process gets SIGTERM once it has saved step 100; the rerun must finish exactly as
+    """A run in another process gets SIGTERM once it has saved step 50; the rerun must finish exactly as
     the uninterrupted reference did."""
     config, source = reference
     path = str(tmp_path / "run")
@@ -295,13 +295,13 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_resumed_run_ends_identical(
         stderr=subprocess.PIPE,
         text=True,
     )
-    while not os.path.isdir(os.path.join(path, "checkpoints", "100")) and process.poll() is None:
+    while not os.path.isdir(os.path.join(path, "checkpoints", "50")) and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, log = process.communicate(timeout=120)
     assert process.returncode == preemption.EXIT_PREEMPTED, log[-3000:]
     steps = _steps(path)
-    assert 100 < steps[-1] < TOTAL_STEPS, steps
+    assert 50 < steps[-1] < TOTAL_STEPS, steps
     assert f"SIGTERM: checkpoint for step {steps[-1]} committed" in log
     assert not os.path.exists(os.path.join(path, workdir.LOCK_NAME))
     train.train_and_evaluate(config, path)
