@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import quick
@@ -221,6 +222,15 @@ def _damage(workdir_path, step, how):
             for i in range(1, 10):
                 f.seek(os.path.getsize(target) * i // 10)
                 f.write(b"\x7f" * 64)
+    elif how == "rewritten":  # Valid array files holding other values: only the checksums can tell.
+        state_dir = os.path.join(workdir_path, "checkpoints", str(step), "state")
+        checkpointer = ocp.StandardCheckpointer()
+        state = checkpointer.restore(state_dir)
+        state["params"] = jax.tree_util.tree_map(lambda p: p + np.float32(0.01), state["params"])
+        checkpointer.save(state_dir + ".new", state)
+        checkpointer.wait_until_finished()
+        shutil.rmtree(state_dir)
+        os.rename(state_dir + ".new", state_dir)
     elif how == "truncated":
         target = _array_files(workdir_path, step)[0]
         os.truncate(target, os.path.getsize(target) // 3)
@@ -229,7 +239,7 @@ def _damage(workdir_path, step, how):
             os.remove(target)
 
 
-@pytest.mark.parametrize("how", ["overwritten", "truncated", "missing"])
+@pytest.mark.parametrize("how", ["overwritten", "rewritten", "truncated", "missing"])
 def test_evaluating_a_damaged_checkpoint_fails_in_one_line_naming_it(reference, tmp_path, how):
     _, source = reference
     path = str(tmp_path / "run")
@@ -250,7 +260,7 @@ def test_training_sets_a_damaged_checkpoint_aside_and_resumes_from_the_newest_go
     path = str(tmp_path / "run")
     shutil.copytree(source, path)
     shutil.rmtree(os.path.join(path, "checkpoints", str(TOTAL_STEPS)))
-    _damage(path, 100, "overwritten")  # The newest checkpoint is bad; 50 is the last good one.
+    _damage(path, 100, "rewritten")  # The newest checkpoint is bad; 50 is the last good one.
     config = _config(reference[0].data.tfds_dir, max_checkpoints_to_keep=2)
     train.train_and_evaluate(config, path)
     assert os.listdir(os.path.join(path, "bad_checkpoints")) == ["100"]
