@@ -39,10 +39,18 @@ def _config(tfds_dir, **train_fields):
     return config
 
 
+def _numpy_state(workdir_path, step):
+    """The state saved at `step` as numpy arrays, whatever devices saved it."""
+    directory = os.path.join(workdir_path, "checkpoints", str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(directory).item_metadata.tree
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
 def _final_state(workdir_path):
-    manager = checkpointing.create_manager(workdir_path, read_only=True)
-    step = manager.latest_step()
-    return step, manager.restore(step).state
+    step = checkpointing.create_manager(workdir_path, read_only=True).latest_step()
+    return step, _numpy_state(workdir_path, step)
 
 
 def _assert_same_state(a, b):
@@ -328,3 +336,59 @@ def test_sigint_stops_after_the_step_and_a_second_sigint_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+TWO_PROCESS_DRIVER = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+from absl import logging
+from medjax import train
+from tests import test_faults
+logging.set_verbosity(logging.INFO)
+train.train_and_evaluate(test_faults._config(sys.argv[3]), sys.argv[4])
+"""
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_one_process_resumes(reference, tmp_path):
+    """Two CPU processes (one device each, jax.distributed) train the reference config; SIGTERM reaches
+    only process 1. Both must stop at the same step with one checkpoint and exit 75; their step-50
+    checkpoint must match the one-process run's (float tolerance: batch-norm statistics are summed across
+    processes), and one process must resume it to the end."""
+    config, source = reference
+    path = str(tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_DRIVER, str(i), str(port), config.data.tfds_dir, path],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        while not os.path.isdir(os.path.join(path, "checkpoints", "50")) and processes[1].poll() is None:
+            time.sleep(0.01)
+        processes[1].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=180)[1] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert [p.returncode for p in processes] == [preemption.EXIT_PREEMPTED] * 2, (
+        logs[0][-2000:] + logs[1][-2000:]
+    )
+    steps = _steps(path)
+    assert 50 < steps[-1] < TOTAL_STEPS, steps
+    for log in logs:
+        assert f"SIGTERM: checkpoint for step {steps[-1]} committed" in log
+    two, one = _numpy_state(path, 50), _numpy_state(source, 50)
+    assert jax.tree_util.tree_structure(two) == jax.tree_util.tree_structure(one)
+    for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    train.train_and_evaluate(config, path)
+    assert _final_state(path)[0] == TOTAL_STEPS
