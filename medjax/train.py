@@ -261,21 +261,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
                 logging.info("Stopping early at step %d: accuracy reached %s.", step, target)
                 total_steps = step  # The final checkpoint and reports are for this step.
                 break
-        saved = step % config.train.checkpoint_every_steps == 0 and step != total_steps
-        if saved:
+        stop = step != total_steps and stopper.reached(step)  # Asked every step: all processes agree.
+        if stop or (step % config.train.checkpoint_every_steps == 0 and step != total_steps):
             nonfinite.check(step, manager.directory)
             checkpointing.save(manager, step, state, metadata | {"batch_stats": "running averages"})
-        if step != total_steps and stopper.reached(step):
-            if not saved:
-                nonfinite.check(step, manager.directory)
-                checkpointing.save(manager, step, state, metadata | {"batch_stats": "running averages"})
-            stopper.stop(manager, step)
+        if stop:
+            stopper.stop(manager, step)  # Waits for the checkpoint, then exits with EXIT_PREEMPTED.
     if start_step < total_steps:
         # The final checkpoint carries calibrated statistics; intermediate ones keep the running averages
         # that an exact resume needs.
+        nonfinite.check(total_steps, manager.directory)
         state = calibrate(state)
         calibration = f"calibrated on {config.train.bn_calibration_batches} clean training batches"
-        nonfinite.check(total_steps, manager.directory)
         checkpointing.save(manager, total_steps, state, metadata | {"batch_stats": calibration})
     manager.wait_until_finished()
 
