@@ -57,7 +57,7 @@ class BadCheckpointError(ValueError):
 def _one_line(error: Exception) -> str:
     """An exception as one short line (TensorStore's errors carry multi-kilobyte specs)."""
     text = str(error).strip().splitlines()
-    text = text[0] if text else ""
+    text = text[0].split(" See full TensorStore details")[0] if text else ""
     return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
