@@ -197,7 +197,8 @@ def measure(model: str, variants: list, rounds: int) -> dict:
     for variant in variants:
         other = Worker(model, variant)
         if other.info["program"] == reference.info["program"]:
-            results[variant] = {"speedup": None, "rss_mb": other.stop(), "note": "same program"}
+            results[variant] = {"speedup": None, "rss_mb": other.stop(), "note": "same program as all on"}
+            print(json.dumps({"model": model, "variant": variant, **results[variant]}), flush=True)
             continue
         ratios = []
         for r in range(rounds):
