@@ -27,8 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 NUM_CLASSES = 6
 BATCH = 128
-# model -> (config.model overrides, timed steps per block, warm-up steps).
-MODELS = {"paper_cnn": ({}, 10, 3), "resnet18": ({"name": "resnet18", "stem": "imagenet"}, 3, 2)}
+# model (its configs/<model>.py) -> (config.model overrides, timed steps per block, warm-up steps).
+MODELS = {"paper_cnn": ({}, 10, 3), "resnet18": ({"stem": "imagenet"}, 3, 2)}
 
 
 def piece_lines() -> dict:
@@ -74,9 +74,9 @@ def _peak_rss_mb() -> float:
 
 
 def _config(model: str, variant: str):
-    from configs import base
+    import importlib
 
-    config = base.get_config()
+    config = importlib.import_module(f"configs.{model}").get_config()
     for key, value in MODELS[model][0].items():
         config.model[key] = value
     config.train.optimizer, config.train.schedule = "adam", "constant"

@@ -124,8 +124,8 @@ def main():
             "variant": "medjax",
             "ops": "cpu",
             "batch_size": args.batch_size,
-            "steps": train_throughput.MODELS[args.model][1],
-            "warmup": train_throughput.MODELS[args.model][2],
+            "steps": train_throughput.MODELS[args.model][2],
+            "warmup": train_throughput.MODELS[args.model][3],
         }
         step = train_throughput.measure(spec)
         print(json.dumps(step), flush=True)

@@ -50,13 +50,13 @@ sys.path.insert(0, REPO)
 NUM_CLASSES = 6
 IMAGE_SHAPE = (64, 64, 1)
 
-# name -> (config.model overrides, timed steps, warm-up steps). ResNet-18 steps are ~10 s on 2 cores.
+# name -> (configs/<module>.py, config.model overrides, timed steps, warm-up steps).
 MODELS = {
-    "paper_cnn": ({}, 10, 2),
+    "paper_cnn": ("paper_cnn", {}, 10, 2),
     # The issue's conv32-pool-conv64-pool-dense net: 117,264 parameters with a 6-unit hidden layer.
-    "issue_cnn": ({"features": (32, 64), "dense_features": 6}, 10, 2),
-    "resnet18_imagenet": ({"name": "resnet18", "stem": "imagenet"}, 4, 1),
-    "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),
+    "issue_cnn": ("paper_cnn", {"features": (32, 64), "dense_features": 6}, 10, 2),
+    "resnet18_imagenet": ("resnet18", {"stem": "imagenet"}, 4, 1),
+    "resnet18_small": ("resnet18", {"stem": "small"}, 2, 1),
 }
 VARIANTS = ("medjax", "medjax_flax", "torch", "torch_tuned")
 BUSY_LOAD = 0.5  # 1-minute load average at the start above which the machine counts as busy.
@@ -86,12 +86,12 @@ def _synthetic_batch(batch_size: int, seed: int = 0):
 
 
 def model_config(name: str, dtype: str = "float32", ops: str = "cpu"):
-    """configs/base.py's model config with the benchmark's overrides."""
-    from configs import base
+    """The model's config (configs/<module>.py) with the benchmark's overrides."""
+    import importlib
 
-    config = base.get_config()
+    module, overrides, _, _ = MODELS[name]
+    config = importlib.import_module(f"configs.{module}").get_config()
     config.ops = ops
-    overrides, _, _ = MODELS[name]
     for key, value in overrides.items():
         config.model[key] = value
     config.model.dtype = dtype
@@ -526,7 +526,7 @@ def main():
     results = []
     for r in range(args.rounds):
         for name in args.models.split(","):
-            _, steps, warmup = MODELS[name]
+            _, _, steps, warmup = MODELS[name]
             # Rotate the order every round so that no variant always starts first (or after the same one).
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             specs = [
