@@ -197,7 +197,8 @@ def measure(model: str, variants: list, rounds: int) -> dict:
     for variant in variants:
         other = Worker(model, variant)
         if other.info["program"] == reference.info["program"]:
-            results[variant] = {"speedup": None, "rss_mb": other.stop(), "note": "same program as all on"}
+            other.stop()
+            results[variant] = {"speedup": None, "rss_mb": None, "note": "same program as all on"}
             print(json.dumps({"model": model, "variant": variant, **results[variant]}), flush=True)
             continue
         ratios = []
@@ -226,6 +227,13 @@ def main():
     from medjax import cpu
 
     lines = piece_lines()
+    package = os.path.dirname(cpu.__file__)
+    total = sum(
+        len(open(os.path.join(d, f)).readlines())
+        for d, _, names in os.walk(package)
+        for f in names
+        if f.endswith((".py", ".cc", ".h"))
+    )
     variants = args.pieces.split(",") if args.pieces else list(cpu.Options._fields) + ["flax"]
     start = time.time()
     print(json.dumps({"loadavg_start": os.getloadavg(), "cpu_count": os.cpu_count()}), flush=True)
@@ -243,12 +251,10 @@ def main():
         for model in MODELS:
             result = by_model.get(model, {}).get(variant)
             cells.append("n/a" if result is None else cell(result))
-            if result is not None:
+            if result is not None and result["rss_mb"] is not None:
                 rss.append(f"{by_model[model]['all']['rss_mb'] - result['rss_mb']:+.0f} MiB")
         name = "all of medjax.cpu (vs flax)" if variant == "flax" else variant
-        print(
-            f"{name} | {lines.get(variant, sum(lines.values()))} | {cells[0]} | {cells[1]} | {' / '.join(rss)}"
-        )
+        print(f"{name} | {lines.get(variant, total)} | {cells[0]} | {cells[1]} | {' / '.join(rss) or '-'}")
     print(
         f"\n(speed-up: step time with the piece off / all on, median of {args.rounds} paired blocks; RSS: all on"
     )
