@@ -49,8 +49,6 @@ def piece_lines() -> dict:
         "cxx_kernel_grad": lines(
             native.conv_kernel_grad, native.supports_kernel_grad, files=("kernel_grad.cc",)
         ),
-        "patches_kernel_grad": lines(conv.patches_kernel_grad),
-        "tap_sum": lines(conv.tap_sum_conv),
         "small_patches": lines(conv._patches_conv),
         "max_pool": lines(
             pool._forward, pool._backward, pool.max_pool, pool._max_pool_fwd, pool._max_pool_bwd

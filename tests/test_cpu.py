@@ -40,11 +40,11 @@ def _value_and_grads(apply, variables, x, **kwargs):
 @pytest.mark.parametrize(
     "x_shape, kwargs, kernel_grad_target",
     [
-        ((4, 16, 16, 1), dict(features=16, kernel_size=(3, 3)), True),  # Tap sum, C++ kernel gradient.
+        ((4, 16, 16, 1), dict(features=16, kernel_size=(3, 3)), True),  # C++ kernel gradient.
         ((4, 16, 16, 8), dict(features=16, kernel_size=(3, 3), strides=2, padding=1), True),
         ((4, 32, 32, 1), dict(features=16, kernel_size=(7, 7), strides=2, padding=3), True),  # ResNet stem.
         ((2, 8, 8, 64), dict(features=8, kernel_size=(3, 3), padding=1), False),  # XLA's kernel gradient.
-        ((4, 8, 8, 8), dict(features=12, kernel_size=(1, 1), strides=2), False),  # Patches kernel gradient.
+        ((4, 8, 8, 8), dict(features=12, kernel_size=(1, 1), strides=2), False),  # 1x1: XLA's.
         ((4, 2, 2, 16), dict(features=16, kernel_size=(3, 3), padding=1), True),  # Smaller than the kernel.
         ((4, 8, 8, 4), dict(features=4, kernel_size=(3, 3), feature_group_count=2), False),  # XLA's.
     ],
@@ -167,11 +167,12 @@ def test_compiler_options_are_accepted_by_xla():
 
 
 def test_ops_choice():
-    config = ml_collections.ConfigDict({"ops": "auto", "cpu": {"tap_sum": False}})
+    config = ml_collections.ConfigDict({"ops": "auto", "cpu": {"max_pool": False}})
     assert ops.resolve(config, backend="gpu").name == "flax"
     chosen = ops.resolve(config, backend="cpu")
-    assert chosen.name == "cpu" and not chosen.cpu_options.tap_sum and chosen.cpu_options.fused_block
-    assert "pieces off: tap_sum" in chosen.describe()
+    assert chosen.name == "cpu" and not chosen.cpu_options.max_pool and chosen.cpu_options.fused_block
+    assert "pieces off: max_pool" in chosen.describe()
+    assert set(cpu.layer_overrides("resnet18", chosen.cpu_options)) == {"conv"}
     assert set(cpu.layer_overrides("resnet18")) == {"conv", "max_pool"}
     assert set(cpu.layer_overrides("paper_cnn")) == {"block"}
     config.ops = "jax"

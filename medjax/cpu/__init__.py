@@ -31,8 +31,6 @@ class Options(NamedTuple):
     compiler_options: bool = True  # Per-model XLA:CPU options (`compiler_options`).
     malloc: bool = True  # glibc keeps freed memory for the next step (`tune_process`).
     cxx_kernel_grad: bool = True  # C++ kernel gradient of convolutions with < 64 input channels.
-    patches_kernel_grad: bool = True  # Patches @ cotangent kernel gradient where C++/XLA's own is not used.
-    tap_sum: bool = True  # Tap-sum forward pass of first layers (kh * kw * cin <= 27).
     small_patches: bool = True  # Patches where the input or output is smaller than the kernel.
     max_pool: bool = True  # Max pool with a fused gradient (ResNet's stem).
     pool_first: bool = True  # Paper CNN blocks: pool before normalising.

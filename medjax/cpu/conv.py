@@ -1,12 +1,8 @@
 """Convolution for XLA:CPU: nn.Conv with each pass of its 2-D convolutions computed the fastest way there.
 
 * Kernel gradient: the C++ kernel (`native.conv_kernel_grad`) for float32 kernels larger than 1x1 with
-  fewer than 64 input channels and a multiple of 16 output channels; XLA's own for 3x3 kernels with 64+
-  input channels; otherwise patches @ cotangent, chunked over the batch (`patches_kernel_grad`), which
-  beats XLA:CPU's kernel-gradient convolution by far.
-* Forward pass of few-input-channel convolutions (first layers: kh * kw * cin <= 27): a sum over kernel
-  taps of strided input slices times the tap's weights, one fused loop (`tap_sum_conv`); XLA:CPU's
-  convolution is slowest there.
+  fewer than 64 input channels and a multiple of 16 output channels, where XLA:CPU's kernel-gradient
+  convolution is slowest (it reads the padded input and the cotangent in place, no patches).
 * Where the input or output is smaller than the kernel (ResNet's last stage at 64x64): patches @ kernel
   and its transpose; XLA:CPU's convolution falls off its fast path there.
 
@@ -24,9 +20,6 @@ from jax import lax
 from medjax.cpu import native
 from medjax.cpu.pool import explicit_padding, pad_spatial, window_slices
 
-# A kernel-gradient chunk's patches and cotangent rows stay within this many bytes (in cache).
-PATCH_BYTES = 8 * 2**20
-TAP_SUM_MAX_TERMS = 27  # kh * kw * cin up to which the forward pass is a tap sum.
 NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
@@ -34,8 +27,6 @@ class ConvOptions(NamedTuple):
     """Which CPU methods `conv_general_dilated` may use (all on by default; off: XLA's convolution)."""
 
     cxx_kernel_grad: bool = True  # The C++ kernel gradient.
-    patches_kernel_grad: bool = True  # Patches @ cotangent where neither C++ nor XLA's own is chosen.
-    tap_sum: bool = True  # Tap-sum forward pass of few-input-channel convolutions.
     small_patches: bool = True  # Patches where the input or output is smaller than the kernel.
 
 
@@ -58,58 +49,6 @@ def _patches_conv(x, kernel, strides, pads, precision=None):
     return y.reshape((x.shape[0],) + out + (cout,))
 
 
-def tap_sum_conv(x, kernel, strides, pads):
-    """The convolution as a sum over kernel taps and input channels of a strided window slice of the
-    padded input times that tap's output weights; accumulates in float32 (or wider)."""
-    kh, kw, cin, _ = kernel.shape
-    xp = pad_spatial(x, pads)
-    out = tuple(_out_size(xp.shape[1 + d], kernel.shape[d], strides[d]) for d in range(2))
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    k = kernel.astype(acc)
-    y = None
-    for i, j, piece in window_slices(xp, (kh, kw), strides, out):
-        for c in range(cin):
-            term = piece[..., c : c + 1].astype(acc) * k[i, j, c]
-            y = term if y is None else y + term
-    return y.astype(jnp.result_type(x.dtype, kernel.dtype))
-
-
-def patches_kernel_grad(x, g, kernel_shape, strides, pads, precision=None):
-    """Kernel cotangent as channel-major patches(x) [kh * kw * cin, pixels] @ g, chunked over the batch
-    so that a chunk's patches and cotangent rows stay within PATCH_BYTES; accumulates in float32."""
-    kh, kw, cin, cout = kernel_shape
-    n, oh, ow = g.shape[:3]
-    per_image = oh * ow * (kh * kw * cin * x.dtype.itemsize + cout * g.dtype.itemsize)
-    chunk = max(1, min(n, PATCH_BYTES // per_image))
-    divisor = max(d for d in range(1, chunk + 1) if n % d == 0)
-    chunk = divisor if 2 * divisor >= chunk else chunk  # Else zero images pad the batch.
-    chunks = -(-n // chunk)
-    xp = pad_spatial(x, pads)
-    if chunks * chunk != n:
-        xp = jnp.pad(xp, ((0, chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
-        g = jnp.pad(g, ((0, chunks * chunk - n), (0, 0), (0, 0), (0, 0)))
-    hp, wp = xp.shape[1:3]
-    xs = xp.reshape(chunks, chunk, hp, wp, cin).transpose(0, 4, 1, 2, 3)  # Each slice channel-major.
-    gs = g.reshape(chunks, chunk * oh * ow, cout)
-    (sh, sw), end = strides, lambda i, j: (cin, chunk, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1)
-
-    def partial_sum(x_chunk, g_chunk):
-        pieces = [
-            lax.slice(x_chunk, (0, 0, i, j), end(i, j), (1, 1, sh, sw)) for i in range(kh) for j in range(kw)
-        ]
-        patches = jnp.stack(pieces).reshape(kh * kw * cin, chunk * oh * ow)
-        dims = (((1,), (0,)), ((), ()))
-        return lax.dot_general(
-            patches, g_chunk, dims, precision=precision, preferred_element_type=jnp.float32
-        )
-
-    if chunks == 1:
-        return partial_sum(xs[0], gs[0]).reshape(kernel_shape)
-    step = lambda total, pair: (total + partial_sum(*pair), None)
-    dk, _ = lax.scan(step, jnp.zeros((kh * kw * cin, cout), jnp.float32), (xs, gs))
-    return dk.reshape(kernel_shape)
-
-
 def _unfused(x):
     """x read from its own buffer by its consumers: XLA:CPU would otherwise recompute a cheap producer
     inside the transpose that its kernel-gradient convolution adds. A conditional (fusion never crosses
@@ -119,35 +58,31 @@ def _unfused(x):
 
 
 class _Plan(NamedTuple):
-    forward: str  # 'xla', 'taps' or 'patches'
+    forward: str  # 'xla' or 'patches'
     input_grad: str  # 'xla' or 'patches'
-    kernel_grad: str  # 'xla', 'cxx' or 'patches'
+    kernel_grad: str  # 'xla' or 'cxx'
 
 
 def plan(x_shape, kernel_shape, strides, pads, dtype, options: ConvOptions) -> _Plan:
     """Which method computes each pass of this convolution."""
     kh, kw, cin, _ = kernel_shape
-    if (kh, kw) == (3, 3) and cin >= 64:
-        kernel_grad = "xla"
-    elif options.cxx_kernel_grad and kh * kw > 1 and native.supports_kernel_grad(kernel_shape, dtype):
-        kernel_grad = "cxx" if jax.default_backend() == "cpu" and native.available() else "patches"
-    else:
-        kernel_grad = "patches"
-    if kernel_grad == "patches" and not options.patches_kernel_grad:
-        kernel_grad = "xla"
+    kernel_grad = "xla"
+    if (
+        options.cxx_kernel_grad
+        and kh * kw > 1
+        and cin < 64
+        and native.supports_kernel_grad(kernel_shape, dtype)
+    ):
+        kernel_grad = "cxx" if jax.default_backend() == "cpu" and native.available() else "xla"
     out = [_out_size(x_shape[1 + d] + sum(pads[d]), kernel_shape[d], strides[d]) for d in range(2)]
     if options.small_patches and min(x_shape[1], x_shape[2], *out) < max(kh, kw):
         return _Plan("patches", "patches", kernel_grad)
-    if options.tap_sum and kh * kw > 1 and kh * kw * cin <= TAP_SUM_MAX_TERMS:
-        return _Plan("taps", "xla", kernel_grad)
     return _Plan("xla", "xla", kernel_grad)
 
 
 def _forward(x, kernel, strides, pads, precision, plan):
     if plan.forward == "patches":
         return _patches_conv(x, kernel, strides, pads, precision)
-    if plan.forward == "taps":
-        return tap_sum_conv(x, kernel, strides, pads)
     return _xla_conv(x, kernel, strides, pads, precision)
 
 
@@ -161,8 +96,6 @@ def _bwd(strides, pads, precision, plan, residuals, g):
     dx = jax.vjp(lambda x: method(x, kernel, strides, pads, precision), x)[1](g)[0]
     if plan.kernel_grad == "cxx":
         dk = native.conv_kernel_grad(x, g, kernel.shape, strides, pads)
-    elif plan.kernel_grad == "patches":
-        dk = patches_kernel_grad(x, g, kernel.shape, strides, pads, precision)
     else:
         x_whole = _unfused(x)
         dk = jax.vjp(lambda k: _xla_conv(x_whole, k, strides, pads, precision), kernel)[1](g)[0]
