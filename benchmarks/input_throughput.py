@@ -22,10 +22,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from medjax import runtime  # noqa: E402
-
-if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_process()  # As medjax.main does: tf.data runs under the same settings.
+from configs import base  # noqa: E402
+from medjax import ops  # noqa: E402
 
 
 def _pipeline_rate(data, config, augment: bool, num_batches: int, start_step: int) -> float:
@@ -76,8 +74,8 @@ def main():
     parser.add_argument("--model", default="paper_cnn", help="train_throughput.py model to compare with.")
     parser.add_argument("--skip_train_step", action="store_true")
     args = parser.parse_args()
+    process_settings = ops.tune_process(base.get_config())  # As medjax.main does: tf.data runs under them.
 
-    from configs import base
     from medjax import train
 
     print(
@@ -85,9 +83,7 @@ def main():
             {
                 "loadavg_start": os.getloadavg(),
                 "cpu_count": os.cpu_count(),
-                "allocator": runtime.status,
-                "xla_tuning": runtime.xla_status,
-                "dispatch": runtime.dispatch_status,
+                "process_settings": process_settings,
             }
         ),
         flush=True,
@@ -126,10 +122,10 @@ def main():
         spec = {
             "model": args.model,
             "variant": "medjax",
-            "implementation": "auto",
+            "ops": "cpu",
             "batch_size": args.batch_size,
-            "steps": train_throughput.MODELS[args.model][1],
-            "warmup": train_throughput.MODELS[args.model][2],
+            "steps": train_throughput.MODELS[args.model][2],
+            "warmup": train_throughput.MODELS[args.model][3],
         }
         step = train_throughput.measure(spec)
         print(json.dumps(step), flush=True)

@@ -31,10 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from medjax import runtime  # noqa: E402
-
-if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
+from medjax import ops  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir (default: a fresh temporary one).")
 _TARGET = flags.DEFINE_float("target", None, "Overrides config.train.stop_at_eval_accuracy.")
@@ -74,13 +71,14 @@ class _Milestones(std_logging.Handler):
 
 def main(argv):
     del argv
+    config = flags.FLAGS.config
+    process_settings = ops.tune_process(config)  # As medjax.main does, before JAX starts.
     import jax
     import tensorflow as tf
 
     from medjax import train
 
     tf.config.set_visible_devices([], "GPU")
-    config = flags.FLAGS.config
     if _TARGET.value is not None:
         config.train.stop_at_eval_accuracy = _TARGET.value
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="medjax_tta_")
@@ -118,9 +116,7 @@ def main(argv):
         "devices": jax.device_count(),
         "workdir": workdir,
         "loadavg": os.getloadavg(),
-        "allocator": runtime.status,
-        "xla_tuning": runtime.xla_status,
-        "dispatch": runtime.dispatch_status,
+        "process_settings": process_settings,
     }
     print(json.dumps(summary), flush=True)
 

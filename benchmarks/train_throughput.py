@@ -1,4 +1,4 @@
-r"""Images/s of the compiled train step: medjax (CPU fast path and XLA native) vs the same model in PyTorch.
+r"""Images/s of the compiled train step: medjax (medjax.cpu's ops and flax's) vs the same model in PyTorch.
 
 Every variant runs in its own worker process (clean peak RSS, no shared caches). In each round a model's
 workers start one after another (compiling and warming up alone), then stay alive and take turns running
@@ -15,10 +15,10 @@ those medians, `ratio_vs_torch_paired` is the median of the same-block ratios ov
 rounds (the fairer one on a noisy machine), and `ratio_vs_torch_paired_by_cores` splits those blocks by
 the core placement measured before them (`core_round_trip_ns` below or above NEAR_ROUND_TRIP_NS).
 
-Variants: `medjax`, `medjax_direct` (the CPU path without Winograd convolutions) and `medjax_xla`
-(flax's native ops) run with glibc's allocator and XLA:CPU tuned as medjax.main does (medjax/runtime.py);
-`torch` is PyTorch as shipped; `torch_tuned` is PyTorch with the same allocator settings, which speed it
-up too, so `ratio_vs_torch_tuned` compares the two on an equal footing.
+Variants: `medjax` (config.ops='cpu': medjax.cpu's drop-ins, compiler options and process settings, as
+medjax.main runs on a CPU) and `medjax_flax` (config.ops='flax'); `torch` is PyTorch as shipped;
+`torch_tuned` is PyTorch with medjax.cpu's allocator setting, which speeds it up too, so
+`ratio_vs_torch_tuned` compares the two on an equal footing.
 
   python benchmarks/train_throughput.py                                    # all models, 3 rounds x 3 blocks
   python benchmarks/train_throughput.py --models=paper_cnn --rounds=5 --steps=10
@@ -50,15 +50,15 @@ sys.path.insert(0, REPO)
 NUM_CLASSES = 6
 IMAGE_SHAPE = (64, 64, 1)
 
-# name -> (config.model overrides, timed steps, warm-up steps). ResNet-18 steps are ~10 s on 2 cores.
+# name -> (configs/<module>.py, config.model overrides, timed steps, warm-up steps).
 MODELS = {
-    "paper_cnn": ({}, 10, 2),
-    # A conv32-pool-conv64-pool-dense net ("conv32/64 net"): 117,264 parameters, a 6-unit hidden layer.
-    "issue_cnn": ({"features": (32, 64), "dense_features": 6}, 10, 2),
-    "resnet18_imagenet": ({"name": "resnet18", "stem": "imagenet"}, 4, 1),
-    "resnet18_small": ({"name": "resnet18", "stem": "small"}, 2, 1),
+    "paper_cnn": ("paper_cnn", {}, 10, 2),
+    # A conv32-pool-conv64-pool-dense net: 117,264 parameters, a 6-unit hidden layer.
+    "conv32_64_cnn": ("paper_cnn", {"features": (32, 64), "dense_features": 6}, 10, 2),
+    "resnet18_imagenet": ("resnet18", {"stem": "imagenet"}, 4, 1),
+    "resnet18_small": ("resnet18", {"stem": "small"}, 2, 1),
 }
-VARIANTS = ("medjax", "medjax_direct", "medjax_xla", "torch", "torch_tuned")
+VARIANTS = ("medjax", "medjax_flax", "torch", "torch_tuned")
 BUSY_LOAD = 0.5  # 1-minute load average at the start above which the machine counts as busy.
 # Core round trips below this count as the two cores' near placement (see core_round_trip_ns; this
 # machine's are ~150 ns near, ~380 ns far).
@@ -85,12 +85,13 @@ def _synthetic_batch(batch_size: int, seed: int = 0):
     return images, labels
 
 
-def model_config(name: str, dtype: str = "float32"):
-    """configs/base.py's model config with the benchmark's overrides."""
-    from configs import base
+def model_config(name: str, dtype: str = "float32", ops: str = "cpu"):
+    """The model's config (configs/<module>.py) with the benchmark's overrides."""
+    import importlib
 
-    config = base.get_config()
-    overrides, _, _ = MODELS[name]
+    module, overrides, _, _ = MODELS[name]
+    config = importlib.import_module(f"configs.{module}").get_config()
+    config.ops = ops
     for key, value in overrides.items():
         config.model[key] = value
     config.model.dtype = dtype
@@ -103,38 +104,36 @@ def prepare_medjax(spec: dict):
     import jax
     import numpy as np
 
-    from medjax import models, native, runtime, steps
-    from medjax.models import layers
+    from medjax import ops, steps
 
-    config = model_config(spec["model"], spec.get("dtype", "float32"))
+    config = model_config(spec["model"], spec.get("dtype", "float32"), spec["ops"])
     config.train.optimizer = "adam"
     config.train.schedule = "constant"
-    model = models.create_model(config.model, NUM_CLASSES)
+    chosen_ops = ops.resolve(config)
+    model = chosen_ops.create_model(config.model, NUM_CLASSES)
     tx = steps.create_optimizer(config.train, 1000)
     images, labels = _synthetic_batch(spec["batch_size"])
     batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
-    compiler_options = runtime.cpu_compiler_options(config.model.name)
-    with layers.implementation(spec["implementation"]), layers.winograd_set_to(spec.get("winograd", True)):
-        state = jax.jit(functools.partial(steps.init_state, model, tx, image_shape=IMAGE_SHAPE))(
-            jax.random.key(0)
-        )
-        train_step = jax.jit(
-            functools.partial(
-                steps.train_step,
-                model=model,
-                tx=tx,
-                dropout_key=jax.random.key(1),
-                mean=config.data.mean,
-                std=config.data.std,
-                label_smoothing=0.0,
-            ),
-            donate_argnums=0,
-            compiler_options=compiler_options,  # As medjax's training loop compiles its step.
-        )
-        t0 = time.perf_counter()
-        compiled = train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-    runtime.release_free_memory()  # As medjax's training loop does after its first step.
+    compiler_options = chosen_ops.compiler_options(config.model.name)
+    state = jax.jit(functools.partial(steps.init_state, model, tx, image_shape=IMAGE_SHAPE))(
+        jax.random.key(0)
+    )
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step,
+            model=model,
+            tx=tx,
+            dropout_key=jax.random.key(1),
+            mean=config.data.mean,
+            std=config.data.std,
+            label_smoothing=0.0,
+        ),
+        donate_argnums=0,
+        compiler_options=compiler_options,  # As medjax's training loop compiles its step.
+    )
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
     holder = {"state": state}
 
@@ -149,7 +148,7 @@ def prepare_medjax(spec: dict):
         "compile_s": compile_s,
         "num_params": num_params,
         "compiler_options": compiler_options,
-        "native_kernels": native.status,
+        "ops": chosen_ops.describe(),
     }
     return step, info
 
@@ -198,26 +197,24 @@ def _send(message: dict) -> None:
 def serve(spec: dict) -> None:
     """A worker process: prepares one variant, says it is ready, then times blocks of steps on request
     ({"steps": n} -> {"step_times": [...]}) until {"stop": true}, which it answers with its peak RSS."""
-    from medjax import runtime
+    from medjax import ops
 
-    # medjax.main tunes glibc's allocator, XLA and JAX's dispatch before JAX starts; `torch_tuned` gets the
-    # same allocator settings.
+    # medjax.main makes the ops' process settings before JAX starts; `torch_tuned` gets medjax.cpu's.
     if spec["variant"] == "torch":
-        allocator, xla_tuning, dispatch = "unchanged (PyTorch as shipped)", "not applicable", "not applicable"
+        process_settings = "unchanged (PyTorch as shipped)"
     elif spec["variant"] == "torch_tuned":
-        allocator, xla_tuning, dispatch = runtime.tune_allocator(), "not applicable", "not applicable"
+        from medjax import cpu
+
+        process_settings = cpu.tune_process()
     else:
-        runtime.tune_process()
-        allocator, xla_tuning, dispatch = runtime.status, runtime.xla_status, runtime.dispatch_status
+        process_settings = ops.tune_process(model_config(spec["model"], ops=spec["ops"]))
     rss_at_start = _peak_rss_mb()
     step, info = (prepare_torch if spec["variant"].startswith("torch") else prepare_medjax)(spec)
     _send(
         dict(
             info,
             ready=True,
-            allocator=allocator,
-            xla_tuning=xla_tuning,
-            dispatch=dispatch,
+            process_settings=process_settings,
             rss_at_start_mb=rss_at_start,
         )
     )
@@ -529,18 +526,14 @@ def main():
     results = []
     for r in range(args.rounds):
         for name in args.models.split(","):
-            _, steps, warmup = MODELS[name]
+            _, _, steps, warmup = MODELS[name]
             # Rotate the order every round so that no variant always starts first (or after the same one).
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             specs = [
                 {
                     "model": name,
                     "variant": variant,
-                    "implementation": {"medjax": "auto", "medjax_direct": "auto", "medjax_xla": "xla"}.get(
-                        variant
-                    ),
-                    # medjax's Winograd convolutions: only in its default CPU path (null for PyTorch).
-                    "winograd": variant == "medjax" if variant.startswith("medjax") else None,
+                    "ops": {"medjax": "cpu", "medjax_flax": "flax"}.get(variant),
                     "batch_size": args.batch_size,
                     "steps": args.steps or steps,
                     "warmup": warmup if args.warmup < 0 else args.warmup,

@@ -42,11 +42,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from medjax import runtime  # noqa: E402
-
-if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
-
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
@@ -57,6 +52,7 @@ from configs import breastmnist  # noqa: E402
 from configs import efficientnet_lite0  # noqa: E402
 from configs import pneumoniamnist  # noqa: E402
 from medjax import datasets  # noqa: E402
+from medjax import ops  # noqa: E402
 from medjax import train  # noqa: E402
 
 SETTINGS = (
@@ -276,6 +272,7 @@ def markdown_table(summary: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    ops.tune_process(breastmnist.get_config())  # As medjax.main does, before JAX starts.
     tf.config.set_visible_devices([], "GPU")  # tf.data only feeds the host.
     runs = []
     for setting in _SETTINGS.value:  # Fail on bad names before hours of training.

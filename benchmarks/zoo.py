@@ -30,11 +30,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from medjax import runtime  # noqa: E402
-
-if __name__ == "__main__":  # Not on import: it may re-execute the process.
-    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
-
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
@@ -45,8 +40,8 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks import results  # noqa: E402
 from medjax import models  # noqa: E402
+from medjax import ops  # noqa: E402
 from medjax import train  # noqa: E402
-from medjax.models import layers  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", None, "Model names; each has a configs/<name>.py.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed) to train each model with.")
@@ -89,8 +84,7 @@ def size_and_flops(config, image_shape, num_classes: int) -> tuple[int, float]:
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
     params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
     forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
-    with layers.implementation("xla"):  # Native convolutions: the CPU path's patch matmuls add padding FLOPs.
-        cost = forward.lower(variables, x).compile().cost_analysis()
+    cost = forward.lower(variables, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # Older jax returns one dict per device.
     return params, float(cost["flops"])
 
@@ -190,9 +184,10 @@ def markdown_table(summary: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    tf.config.set_visible_devices([], "GPU")  # tf.data only feeds the host.
     for model in _MODELS.value:
         load_config(model)  # Fail on a bad name before hours of training.
+    ops.tune_process(load_config(_MODELS.value[0]))  # As medjax.main does, before JAX starts.
+    tf.config.set_visible_devices([], "GPU")  # tf.data only feeds the host.
     writer = results.ResultWriter(_OUT.value)
     for model in _MODELS.value:
         for seed in _SEEDS.value:

@@ -29,6 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the main-job configuration."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.ops = "auto"  # Layers: 'flax', 'cpu' (medjax.cpu's XLA:CPU drop-ins) or 'auto' (cpu on CPU).
+    # medjax.cpu's pieces, each on unless set False (see docs/performance.md); used when ops is 'cpu'.
+    config.cpu = ml_collections.ConfigDict(
+        {name: True for name in ("compiler_options", "malloc", "cxx_kernel_grad")}
+        | {name: True for name in ("small_patches", "max_pool", "pool_first", "fused_block")}
+    )
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "medical_mnist"

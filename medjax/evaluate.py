@@ -6,30 +6,26 @@ Everything needed (config, class names, preprocessing) is read from the checkpoi
 report is written to --output (if given) and to `W/eval/<split or folder name>_step<N>.json`.
 """
 
-from medjax import runtime
+import json
+import os
+import sys
 
-if __name__ == "__main__":  # Not on import: it may re-execute the process (see runtime.py).
-    runtime.tune_process()  # As medjax.main does, before JAX and TensorFlow start.
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import tensorflow as tf
 
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from medjax import checkpointing  # noqa: E402
-from medjax import datasets  # noqa: E402
-from medjax import evaluation  # noqa: E402
-from medjax import files  # noqa: E402
-from medjax import models  # noqa: E402
-from medjax import sharding  # noqa: E402
-from medjax import steps  # noqa: E402
-from medjax import transfer  # noqa: E402
+from medjax import checkpointing
+from medjax import datasets
+from medjax import evaluation
+from medjax import files
+from medjax import ops
+from medjax import sharding
+from medjax import steps
+from medjax import train
+from medjax import transfer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
@@ -96,7 +92,9 @@ def _evaluate_step(manager, workdir, step, *, split, folder, manual_dir, tfds_di
         source = {"split": split, "dataset": config.data.name}
 
     mesh = sharding.create_mesh()
-    model = models.create_model(config.model, num_classes=len(class_names))
+    chosen_ops = ops.resolve(config)
+    logging.info("Ops: %s.", chosen_ops.describe())
+    model = chosen_ops.create_model(config.model, len(class_names))
     # Only the variables are restored, so any optimizer (e.g. transfer learning's) reads back the same way.
     input_kwargs = {k: preprocessing.get(k, 0) for k in ("image_size", "channels")}
     input_shape = steps.model_input_shape(image_shape, **input_kwargs)
@@ -111,7 +109,7 @@ def _evaluate_step(manager, workdir, step, *, split, folder, manual_dir, tfds_di
         mesh,
         mean=preprocessing["mean"],
         std=preprocessing["std"],
-        compiler_options=runtime.cpu_compiler_options(config.model.name),
+        compiler_options=chosen_ops.compiler_options(config.model.name),
         **input_kwargs,
     )
     report = evaluation.evaluate(
@@ -123,10 +121,8 @@ def _evaluate_step(manager, workdir, step, *, split, folder, manual_dir, tfds_di
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    train.quiet_library_logs()
     tf.config.set_visible_devices([], "GPU")
-    logging.info(
-        "Allocator: %s; XLA: %s; dispatch: %s", runtime.status, runtime.xla_status, runtime.dispatch_status
-    )
     try:
         report = evaluate_checkpoint(
             _WORKDIR.value,

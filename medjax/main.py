@@ -1,18 +1,14 @@
 """Entry point: `python -m medjax.main --config=configs/base.py --workdir=DIR [--config.x.y=...]`."""
 
-from medjax import runtime
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
 
-if __name__ == "__main__":  # Not on import: it may re-execute the process (see runtime.py).
-    runtime.tune_process()  # Before JAX and TensorFlow start their threads.
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from medjax import train  # noqa: E402
+from medjax import ops
+from medjax import train
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and reports.", required=True
@@ -28,21 +24,23 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file.", 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    # Before anything starts a JAX backend; a no-op unless the CPU ops run (config.cpu.malloc turns it off).
+    process_settings = ops.tune_process(config)
+    train.quiet_library_logs()
     # tf.data only feeds the host; keep TensorFlow off the accelerators JAX uses.
     tf.config.set_visible_devices([], "GPU")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info(
-        "Allocator: %s; XLA: %s; dispatch: %s", runtime.status, runtime.xla_status, runtime.dispatch_status
-    )
-    logging.info(
-        "JAX process %d of %d; local devices %s; global device count %d.",
+        "JAX process %d of %d; local devices %s; global device count %d; %s.",
         jax.process_index(),
         jax.process_count(),
         jax.local_devices(),
         jax.device_count(),
+        process_settings,
     )
-    train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

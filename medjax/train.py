@@ -2,9 +2,11 @@
 
 import functools
 import json
+import logging as python_logging
 import os
 import time
 
+from absl import flags
 from absl import logging
 from clu import metric_writers
 import jax
@@ -19,14 +21,26 @@ from medjax import evaluation
 from medjax import files
 from medjax import guard
 from medjax import input_pipeline
-from medjax import models
-from medjax import native
+from medjax import ops
 from medjax import preemption
-from medjax import runtime
 from medjax import sharding
 from medjax import steps
 from medjax import transfer
 from medjax import workdir as workdir_lib
+
+
+def quiet_library_logs() -> None:
+    """Keeps other libraries' INFO lines (orbax's, per checkpoint) out of an entry point's log unless
+    --verbosity is given; their warnings and errors stay."""
+    if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+        return
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    class OnlyMedjaxInfo(python_logging.Filter):
+        def filter(self, record):
+            return record.levelno > python_logging.INFO or record.pathname.startswith(package)
+
+    logging.get_absl_handler().addFilter(OnlyMedjaxInfo())
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
@@ -76,7 +90,9 @@ def checkpoint_metadata(
     }
 
 
-def batch_norm_calibrator(config, num_classes, train_data, mesh, prep, compiler_options=None):
+def batch_norm_calibrator(
+    config, num_classes, train_data, mesh, prep, chosen_ops: ops.Ops, compiler_options=None
+):
     """A function state -> state whose batch-norm statistics are averaged over clean training batches.
 
     Running averages collected on augmented images misfit clean evaluation images (on Medical MNIST this
@@ -90,7 +106,7 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh, prep, compiler_
     stats_fn = jax.jit(
         functools.partial(
             steps.batch_statistics,
-            model=models.create_model(stats_config, num_classes),
+            model=chosen_ops.create_model(stats_config, num_classes),
             **prep,
         ),
         in_shardings=(sharding.replicated(mesh), sharding.replicated(mesh), sharding.batch_sharded(mesh)),
@@ -124,6 +140,14 @@ def batch_norm_calibrator(config, num_classes, train_data, mesh, prep, compiler_
     return calibrate
 
 
+def _duration(seconds: float) -> str:
+    """'1h02m', '4m05s' or '12s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming from its newest good checkpoint) and returns the final
     reports. The config is checked first; the workdir is locked for the run; SIGTERM/SIGINT stop it with
@@ -137,7 +161,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
     sharding.check_batch_size(config.train.batch_size, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, "config.eval.batch_size")
     mesh = sharding.create_mesh()
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # TensorBoard scalars only: the log lines below are written once, by absl.
+    writer = metric_writers.MultiWriter(
+        [metric_writers.SummaryWriter(workdir)] if jax.process_index() == 0 else []
+    )
 
     t0 = time.time()
     data, class_names = load_data(config)
@@ -159,7 +186,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
 
     prep = transfer.preprocessing(config)
     input_shape = steps.model_input_shape(image_shape, prep["image_size"], prep["channels"])
-    model = models.create_model(config.model, num_classes=len(class_names))
+    chosen_ops = ops.resolve(config)
+    logging.info("Ops: %s.", chosen_ops.describe())
+    model = chosen_ops.create_model(config.model, len(class_names))
     tx = transfer.create_optimizer(config, total_steps, input_shape)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     replicated = sharding.replicated(mesh)
@@ -177,7 +206,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
         state = transfer.init_from(config, state, tx, input_shape, replicated)
         files.write_json(os.path.join(workdir, "config.json"), metadata)
 
-    compiler_options = runtime.cpu_compiler_options(config.model.name)
+    compiler_options = chosen_ops.compiler_options(config.model.name)
     train_step = jax.jit(
         functools.partial(
             steps.train_step,
@@ -193,7 +222,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
         compiler_options=compiler_options,
     )
     predictor = evaluation.Predictor(model, mesh, compiler_options=compiler_options, **prep)
-    calibrate = batch_norm_calibrator(config, len(class_names), data["train"], mesh, prep, compiler_options)
+    calibrate = batch_norm_calibrator(
+        config, len(class_names), data["train"], mesh, prep, chosen_ops, compiler_options
+    )
 
     def run_eval(role, eval_state):
         variables = {"params": eval_state.params, "batch_stats": eval_state.batch_stats}
@@ -220,28 +251,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
         jax.device_count(),
         compiler_options or "default",
     )
-    history, last_log = [], (start_step, time.time())
+    history, last_log, train_start = [], (start_step, time.time()), time.time()
     nonfinite = guard.NonFiniteGuard()
     for step, local_batch in zip(range(start_step + 1, total_steps + 1), train_ds.as_numpy_iterator()):
         state, step_metrics = train_step(state, sharding.to_global(local_batch, mesh))
         nonfinite.update(step, step_metrics)
         history.append(step_metrics)
         if step == start_step + 1:
-            logging.info(
-                "First step (compile included) done in %.1fs; medjax's C++ kernels: %s.",
-                time.time() - last_log[1],
-                native.status,
-            )
-            runtime.release_free_memory()  # What compiling left free in the heap.
+            jax.block_until_ready(state)
+            logging.info("First step (compilation included) took %.1fs.", time.time() - last_log[1])
+            train_start = time.time()
+            last_log = (step, train_start)
         if step % config.train.log_every_steps == 0 or step == total_steps:
             nonfinite.check(step, manager.directory)
             summary = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
-            elapsed = time.time() - last_log[1]
-            summary["images_per_second"] = (step - last_log[0]) * config.train.batch_size / elapsed
+            now = time.time()
+            summary["images_per_second"] = (
+                (step - last_log[0]) * config.train.batch_size / max(now - last_log[1], 1e-9)
+            )
             summary["epoch"] = step / steps_per_epoch
             writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-            logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-            history, last_log = [], (step, time.time())
+            logging.info(
+                "step %d/%d: %s, %.0f img/s, %s left",
+                step,
+                total_steps,
+                ", ".join(f"{k}={summary[k]:.4g}" for k in history[0]),
+                summary["images_per_second"],
+                _duration((total_steps - step) * (now - train_start) / max(1, step - start_step - 1)),
+            )
+            history, last_log = [], (step, now)
         if step % eval_every == 0 and step != total_steps:
             nonfinite.check(step, manager.directory)
             report = run_eval("eval", calibrate(state))

@@ -52,7 +52,7 @@ def test_train_throughput_times_blocks_in_live_workers():
     command = [
         sys.executable,
         os.path.join(REPO, "benchmarks", "train_throughput.py"),
-        "--models=issue_cnn",
+        "--models=conv32_64_cnn",
         "--variants=medjax",
         "--rounds=1",
         "--blocks=2",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import quick
-from medjax import evaluate, runtime, train
+from medjax import evaluate, ops, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")  # Holds medical_mnist/<Class>/*.jpeg.
@@ -64,9 +64,9 @@ def test_final_checkpoint_has_calibrated_batch_norm_statistics(trained):
 
 def test_training_and_evaluation_jit_with_the_model_s_cpu_options(trained, tmp_path, monkeypatch):
     """train.py's step and batch-norm calibration and the evaluation predictor (both jobs) are compiled
-    with runtime.cpu_compiler_options for the configured model."""
+    with the compiler options of the ops that config.ops chooses for the configured model."""
     config, workdir, _ = trained
-    expected = runtime.cpu_compiler_options(config.model.name)
+    expected = ops.resolve(config).compiler_options(config.model.name)
     assert expected  # The quick config's paper CNN has CPU options.
     seen, real_jit = [], jax.jit
 
@@ -116,7 +116,6 @@ def test_evaluate_folder_cli_writes_the_same_fields(trained, tmp_path):
     for cls in ("CXR", "Hand"):
         shutil.copytree(os.path.join(FIXTURE_ROOT, "medical_mnist", cls), folder / cls)
     output = tmp_path / "report.json"
-    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", runtime.XLA_SWITCH)}
     run = subprocess.run(
         [
             sys.executable,
@@ -128,12 +127,12 @@ def test_evaluate_folder_cli_writes_the_same_fields(trained, tmp_path):
         ],
         check=True,
         cwd=REPO,
-        env=dict(environ, PYTHONPATH=REPO),
+        env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True,
         text=True,
     )
-    # The job tunes its process as medjax.main does (XLA's own convolutions on CPU).
-    assert f"XLA: XLA_FLAGS={runtime.XLA_CPU_FLAGS}" in run.stderr, run.stderr[-2000:]
+    # The job builds its model with the ops that config.ops chooses (medjax.cpu's on a CPU host).
+    assert "Ops: medjax.cpu ops (config.ops='auto' on the cpu backend" in run.stderr, run.stderr[-2000:]
     report = json.load(open(output))
     assert REPORT_KEYS <= set(report)
     expected = sum(len(os.listdir(folder / c)) for c in ("CXR", "Hand"))
