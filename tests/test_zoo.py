@@ -1,4 +1,4 @@
-"""Model zoo: published parameter counts, shapes and dtypes, train/eval behaviour, one train step each."""
+"""Model zoo: published parameter counts, shapes and dtypes, train/eval behaviour, a train step per family."""
 
 import importlib
 import re
@@ -149,40 +149,37 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
     assert outputs and all(":bf16[" in out for out in outputs), outputs
 
 
-@pytest.mark.parametrize("name,size", [("alexnet", 64), ("resnet18", 32), ("efficientnet_lite0", 32)])
-def test_train_mode_uses_dropout_and_batch_statistics(name, size):
-    model = models.create_model(_config(name).model, NUM_CLASSES)
-    x = jax.random.normal(jax.random.key(1), (4, size, size, 1))
-
-    def eval_and_train(key, x):
-        variables = model.init(jax.random.key(0), x, train=False)
-        eval_logits = model.apply(variables, x, train=False)
-        train_logits, updates = model.apply(
-            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
-        )
-        return variables, eval_logits, train_logits, updates
-
-    run = _compile(eval_and_train, jax.random.key(2), x, name=name)
-    variables, eval_a, train_a, updates = run(jax.random.key(2), x)
-    _, eval_b, train_b, _ = run(jax.random.key(3), x)
-    has_dropout = getattr(model, "dropout_rate", 0.0) > 0
-    has_bn = "batch_stats" in variables
-    assert has_dropout or has_bn
-    np.testing.assert_array_equal(eval_a, eval_b)
-    assert not np.allclose(train_a, eval_a)
-    assert np.allclose(train_a, train_b) != has_dropout  # Different dropout masks give different logits.
-    if has_bn:
-        # Every batch norm moves its running mean or variance (the mean alone can stay ~0: a bias-free
-        # linear map of a batch-normalised input has a ~0 batch mean).
-        old = traverse_util.flatten_dict(variables["batch_stats"])
-        new = traverse_util.flatten_dict(updates["batch_stats"])
-        moved = {path[:-1] for path in old if not np.allclose(old[path], new[path])}
-        assert moved == {path[:-1] for path in old}
+TRAIN_MODE = ("alexnet", "resnet18", "efficientnet_lite0")  # Dropout only, batch norm only, both.
+# One train-step program per family: ZFNet shares AlexNet's module, VGG-16 VGG-11's, ResNet-34 ResNet-18's
+# (BasicBlock); test_reference.py checks each of those against PyTorch in eval and train mode.
+TRAIN_STEP = (
+    "lenet5",
+    "alexnet",
+    "vgg11",
+    "googlenet",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "efficientnet_lite0",
+)
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_one_train_step(name):
-    """Init and one real optimizer step of the model's own config (warmup off), compiled as one program."""
+@pytest.fixture(scope="module")
+def stepped():
+    """name -> {dropout key: outputs} of one compiled program per model: init and one real optimizer step
+    of the model's own config (warmup off); for the models of TRAIN_MODE also eval and train-mode logits,
+    and a second run with another dropout key."""
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            cache[name] = _init_and_step(name)
+        return cache[name]
+
+    return run
+
+
+def _init_and_step(name):
     config = _config(name)
     config.train.warmup_steps = 0  # A warmup would make the first learning rate 0.
     size = STEP_IMAGE_SIZE.get(name, DEFAULT_STEP_IMAGE_SIZE)
@@ -193,26 +190,66 @@ def test_one_train_step(name):
         "image": rng.integers(0, 256, (2, size, size, 1)).astype(np.uint8),
         "label": np.array([0, 5], np.int32),
     }
+    step_kwargs = dict(
+        model=model,
+        tx=tx,
+        mean=config.data.mean,
+        std=config.data.std,
+        label_smoothing=config.train.label_smoothing,
+    )
 
-    def init_and_step(key, batch):
+    def init_and_step(key, dropout_key, batch):
         state = steps.init_state(model, tx, key, image_shape=(size, size, 1))
-        new_state, metrics = steps.train_step(
-            state,
-            batch,
-            model=model,
-            tx=tx,
-            dropout_key=jax.random.key(1),
-            mean=config.data.mean,
-            std=config.data.std,
-            label_smoothing=config.train.label_smoothing,
-        )
+        new_state, metrics = steps.train_step(state, batch, dropout_key=dropout_key, **step_kwargs)
         changed = jax.tree_util.tree_map(lambda a, b: jnp.any(a != b), state.params, new_state.params)
-        return metrics["loss"], jnp.stack(jax.tree_util.tree_leaves(changed)), new_state.step
+        outputs = {
+            "loss": metrics["loss"],
+            "changed": jnp.stack(jax.tree_util.tree_leaves(changed)),
+            "step": new_state.step,
+            "batch_stats": state.batch_stats,
+            "new_batch_stats": new_state.batch_stats,
+        }
+        if name in TRAIN_MODE:
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            x = steps.preprocess(batch["image"], mean=config.data.mean, std=config.data.std)
+            outputs["eval_logits"] = model.apply(variables, x, train=False)
+            outputs["train_logits"], _ = model.apply(
+                variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
+            )
+        return outputs
 
     key = jax.random.key(0)
-    loss, changed, step_count = _compile(init_and_step, key, batch, name=name)(key, batch)
-    assert np.isfinite(loss) and int(step_count) == 1
-    assert np.all(changed), f"{int((~np.asarray(changed)).sum())} parameter arrays did not move"
+    compiled = _compile(init_and_step, key, key, batch, name=name)
+    return {k: compiled(key, jax.random.key(k), batch) for k in ((2, 3) if name in TRAIN_MODE else (2,))}
+
+
+@pytest.mark.parametrize("name", TRAIN_MODE)
+def test_train_mode_uses_dropout_and_batch_statistics(name, stepped):
+    a, b = stepped(name)[2], stepped(name)[3]
+    model = models.create_model(_config(name).model, NUM_CLASSES)
+    has_dropout = getattr(model, "dropout_rate", 0.0) > 0
+    has_bn = bool(a["batch_stats"])
+    assert has_dropout or has_bn
+    np.testing.assert_array_equal(a["eval_logits"], b["eval_logits"])
+    assert not np.allclose(a["train_logits"], a["eval_logits"])
+    # Different dropout masks give different logits.
+    assert np.allclose(a["train_logits"], b["train_logits"]) != has_dropout
+    if has_bn:
+        # Every batch norm moves its running mean or variance (the mean alone can stay ~0: a bias-free
+        # linear map of a batch-normalised input has a ~0 batch mean).
+        old = traverse_util.flatten_dict(a["batch_stats"])
+        new = traverse_util.flatten_dict(a["new_batch_stats"])
+        moved = {path[:-1] for path in old if not np.allclose(old[path], new[path])}
+        assert moved == {path[:-1] for path in old}
+
+
+@pytest.mark.parametrize("name", TRAIN_STEP)
+def test_one_train_step(name, stepped):
+    """Init and one real optimizer step of the model's own config: a finite loss, every parameter moves."""
+    outputs = stepped(name)[2]
+    assert np.isfinite(outputs["loss"]) and int(outputs["step"]) == 1
+    changed = np.asarray(outputs["changed"])
+    assert np.all(changed), f"{int((~changed).sum())} parameter arrays did not move"
 
 
 def test_padding_and_pooling_follow_tensorflow_and_pytorch():
