@@ -41,7 +41,7 @@ _RULES = {
     "train.checkpoint_every_steps": ("int", lambda v: v > 0, "> 0"),
     "train.bn_calibration_batches": ("int", lambda v: v >= 0, ">= 0"),
     "train.max_checkpoints_to_keep": ("int?", lambda v: v >= 1, ">= 1 or None (keep all)"),
-    "train.stop_at_eval_accuracy": ("float?", lambda v: 0 < v <= 1, "in (0, 1] or None"),
+    "train.stop_at_eval_accuracy": ("float?", lambda v: 0 <= v <= 1, "in [0, 1] or None"),
     "eval.batch_size": ("int", lambda v: v > 0, "> 0"),
     "transfer.frozen_stages": ("int", lambda v: v >= 0, ">= 0"),
     "transfer.backbone_lr_multiplier": ("float", lambda v: v >= 0, ">= 0"),
