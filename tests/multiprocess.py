@@ -1,4 +1,5 @@
-"""Starts local CPU processes that form one JAX job (jax.distributed, coordinator on 127.0.0.1)."""
+"""For tests that start local CPU processes forming one JAX job (jax.distributed, coordinator on
+127.0.0.1): starting them, and reading the checkpoints they save."""
 
 import os
 import socket
@@ -17,7 +18,9 @@ PREAMBLE = """
 import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{{sys.argv[2]}}", num_processes={num_processes}, process_id=int(sys.argv[1]))
+jax.distributed.initialize(
+    f"127.0.0.1:{{sys.argv[2]}}", num_processes={num_processes}, process_id=int(sys.argv[1])
+)
 from absl import logging
 logging.set_verbosity(logging.INFO)
 """
