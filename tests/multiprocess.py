@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def start(driver: str, args, num_processes: int = 2, **popen_kwargs) -> list[subprocess.Popen]:
-    """Starts `num_processes` processes running PREAMBLE + `driver` with command-line arguments
+    """Starts `num_processes` CPU processes running PREAMBLE + `driver` with command-line arguments
     PROCESS_ID PORT *args; stderr is piped unless `popen_kwargs` says otherwise."""
     port = free_port()
     code = PREAMBLE.format(num_processes=num_processes) + driver
@@ -42,7 +42,7 @@ def start(driver: str, args, num_processes: int = 2, **popen_kwargs) -> list[sub
         subprocess.Popen(
             [sys.executable, "-c", code, str(i), str(port), *map(str, args)],
             cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO),
+            env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
             text=True,
             **popen_kwargs,
         )
