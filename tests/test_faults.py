@@ -19,6 +19,7 @@ import pytest
 
 from configs import quick
 from medjax import checkpointing, checks, datasets, evaluate, guard, preemption, train, workdir
+from tests import multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")
@@ -39,18 +40,9 @@ def _config(tfds_dir, **train_fields):
     return config
 
 
-def _numpy_state(workdir_path, step):
-    """The state saved at `step` as numpy arrays, whatever devices saved it."""
-    directory = os.path.join(workdir_path, "checkpoints", str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(directory).item_metadata.tree
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
 def _final_state(workdir_path):
     step = checkpointing.create_manager(workdir_path, read_only=True).latest_step()
-    return step, _numpy_state(workdir_path, step)
+    return step, multiprocess.numpy_state(workdir_path, step)
 
 
 def _assert_same_state(a, b):
@@ -339,14 +331,8 @@ def test_sigint_stops_after_the_step_and_a_second_sigint_interrupts():
 
 
 TWO_PROCESS_DRIVER = """
-import sys
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
-from absl import logging
 from medjax import train
 from tests import test_faults
-logging.set_verbosity(logging.INFO)
 train.train_and_evaluate(test_faults._config(sys.argv[3]), sys.argv[4])
 """
 
@@ -358,19 +344,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_one_process_
     processes), and one process must resume it to the end."""
     config, source = reference
     path = str(tmp_path / "run")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESS_DRIVER, str(i), str(port), config.data.tfds_dir, path],
-            cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO),
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    processes = multiprocess.start(TWO_PROCESS_DRIVER, [config.data.tfds_dir, path])
     try:
         while not os.path.isdir(os.path.join(path, "checkpoints", "50")) and processes[1].poll() is None:
             time.sleep(0.01)
@@ -386,7 +360,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_one_process_
     assert 50 < steps[-1] < TOTAL_STEPS, steps
     for log in logs:
         assert f"SIGTERM: checkpoint for step {steps[-1]} committed" in log
-    two, one = _numpy_state(path, 50), _numpy_state(source, 50)
+    two, one = multiprocess.numpy_state(path, 50), multiprocess.numpy_state(source, 50)
     assert jax.tree_util.tree_structure(two) == jax.tree_util.tree_structure(one)
     for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
