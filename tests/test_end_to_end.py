@@ -156,23 +156,3 @@ def test_evaluate_rejects_a_folder_with_unknown_classes(trained, tmp_path):
     )
     with pytest.raises(ValueError, match="Knee"):
         evaluate.evaluate_checkpoint(workdir, folder=str(tmp_path / "bad"))
-
-
-def test_main_cli_runs_the_quick_config(tmp_path):
-    workdir = tmp_path / "cli"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medjax.main",
-            "--config=configs/quick.py",
-            f"--workdir={workdir}",
-            f"--config.data.manual_dir={FIXTURE_ROOT}",
-            f'--config.data.tfds_dir={tmp_path / "tfds"}',
-            "--config.train.num_epochs=1",
-        ],
-        check=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO),
-    )
-    assert os.listdir(workdir / "eval")
