@@ -30,11 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.ops = "auto"  # Layers: 'flax', 'cpu' (medjax.cpu's XLA:CPU drop-ins) or 'auto' (cpu on CPU).
-    # medjax.cpu's pieces, each on unless set False (see docs/performance.md); used when ops is 'cpu'.
-    config.cpu = ml_collections.ConfigDict(
-        {name: True for name in ("compiler_options", "malloc", "cxx_kernel_grad")}
-        | {name: True for name in ("small_patches", "max_pool", "pool_first", "fused_block")}
-    )
+    # medjax.cpu's pieces, used when ops resolves to 'cpu'; each is described in docs/performance.md.
+    config.cpu = ml_collections.ConfigDict()
+    config.cpu.compiler_options = True  # Per-model XLA:CPU compile options.
+    config.cpu.malloc = True  # glibc keeps freed memory for the next step.
+    config.cpu.inline_dispatch = True  # JAX runs CPU computations on the calling thread.
+    config.cpu.small_patches = True  # Patch matmuls where the input or output is smaller than the kernel.
+    config.cpu.max_pool = True  # Max pool with a fused gradient (ResNet's stem).
+    config.cpu.pool_first = True  # Paper CNN blocks pool before normalising.
+    config.cpu.fused_block = True  # Paper CNN's first block in one C++ pass.
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "medical_mnist"

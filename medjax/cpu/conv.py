@@ -1,12 +1,6 @@
-"""Convolution for XLA:CPU: nn.Conv with each pass of its 2-D convolutions computed the fastest way there.
-
-* Kernel gradient: the C++ kernel (`native.conv_kernel_grad`) for float32 kernels larger than 1x1 with
-  fewer than 64 input channels and a multiple of 16 output channels, where XLA:CPU's kernel-gradient
-  convolution is slowest (it reads the padded input and the cotangent in place, no patches).
-* Where the input or output is smaller than the kernel (ResNet's last stage at 64x64): patches @ kernel
-  and its transpose; XLA:CPU's convolution falls off its fast path there.
-
-Anything else (dilation, groups, other layouts) is XLA's convolution, exactly as nn.Conv computes it.
+"""Convolution for XLA:CPU: nn.Conv whose 2-D convolutions, where the input or output is smaller than the
+kernel (ResNet's last stage at 64x64), run as patches @ kernel and its transpose: XLA:CPU's convolution
+falls off its fast path there. Anything else is XLA's convolution, exactly as nn.Conv computes it.
 """
 
 import functools
@@ -17,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from medjax.cpu import native
 from medjax.cpu.pool import explicit_padding, pad_spatial, window_slices
 
 NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -26,7 +19,6 @@ NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 class ConvOptions(NamedTuple):
     """Which CPU methods `conv_general_dilated` may use (all on by default; off: XLA's convolution)."""
 
-    cxx_kernel_grad: bool = True  # The C++ kernel gradient.
     small_patches: bool = True  # Patches where the input or output is smaller than the kernel.
 
 
@@ -60,24 +52,15 @@ def _unfused(x):
 class _Plan(NamedTuple):
     forward: str  # 'xla' or 'patches'
     input_grad: str  # 'xla' or 'patches'
-    kernel_grad: str  # 'xla' or 'cxx'
 
 
-def plan(x_shape, kernel_shape, strides, pads, dtype, options: ConvOptions) -> _Plan:
+def plan(x_shape, kernel_shape, strides, pads, options: ConvOptions) -> _Plan:
     """Which method computes each pass of this convolution."""
-    kh, kw, cin, _ = kernel_shape
-    kernel_grad = "xla"
-    if (
-        options.cxx_kernel_grad
-        and kh * kw > 1
-        and cin < 64
-        and native.supports_kernel_grad(kernel_shape, dtype)
-    ):
-        kernel_grad = "cxx" if jax.default_backend() == "cpu" and native.available() else "xla"
+    kh, kw = kernel_shape[:2]
     out = [_out_size(x_shape[1 + d] + sum(pads[d]), kernel_shape[d], strides[d]) for d in range(2)]
     if options.small_patches and min(x_shape[1], x_shape[2], *out) < max(kh, kw):
-        return _Plan("patches", "patches", kernel_grad)
-    return _Plan("xla", "xla", kernel_grad)
+        return _Plan("patches", "patches")
+    return _Plan("xla", "xla")
 
 
 def _forward(x, kernel, strides, pads, precision, plan):
@@ -94,11 +77,8 @@ def _bwd(strides, pads, precision, plan, residuals, g):
     x, kernel = residuals
     method = _patches_conv if plan.input_grad == "patches" else _xla_conv
     dx = jax.vjp(lambda x: method(x, kernel, strides, pads, precision), x)[1](g)[0]
-    if plan.kernel_grad == "cxx":
-        dk = native.conv_kernel_grad(x, g, kernel.shape, strides, pads)
-    else:
-        x_whole = _unfused(x)
-        dk = jax.vjp(lambda k: _xla_conv(x_whole, k, strides, pads, precision), kernel)[1](g)[0]
+    x_whole = _unfused(x)
+    dk = jax.vjp(lambda k: _xla_conv(x_whole, k, strides, pads, precision), kernel)[1](g)[0]
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -137,7 +117,7 @@ def conv_general_dilated(
             feature_group_count=feature_group_count,
             precision=precision,
         )
-    conv_plan = plan(lhs.shape, rhs.shape, strides, pads, jnp.result_type(lhs, rhs), options)
+    conv_plan = plan(lhs.shape, rhs.shape, strides, pads, options)
     return _conv(lhs, rhs, strides, pads, precision, conv_plan)
 
 

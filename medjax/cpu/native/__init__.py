@@ -1,12 +1,10 @@
 """C++ kernels for XLA:CPU, called through XLA's FFI.
 
-- `conv_kernel_grad`: a convolution's kernel gradient read straight from the padded input and the output
-  cotangent (`kernel_grad.cc`), without building patches.
-- `conv_bn_pool` / `conv_bn_pool_kernel_grad`: a first block (stride-1 convolution on few input channels,
-  its batch-norm moments and a 2x2 max pool) in one pass over the images forward and one backward
-  (`conv_bn_pool.cc`); the full-size convolution output and its gradient are never stored.
+`conv_bn_pool` / `conv_bn_pool_kernel_grad`: a first block (stride-1 convolution on few input channels,
+its batch-norm moments and a 2x2 max pool) in one pass over the images forward and one backward
+(`conv_bn_pool.cc`); the full-size convolution output and its gradient are never stored.
 
-They are compiled together on first use with the machine's C++ compiler (CXX, else c++/g++/clang++) for
+They are compiled on first use with the machine's C++ compiler (CXX, else c++/g++/clang++) for
 the machine's CPU into one library cached under MEDJAX_NATIVE_CACHE (default ~/.cache/medjax/native),
 keyed by the sources, jaxlib's version and the CPU. Where that fails, `available()` is False, `status` says
 why, and the callers keep their XLA methods.
@@ -26,11 +24,10 @@ import jaxlib
 from jax import lax
 
 CACHE_ENV = "MEDJAX_NATIVE_CACHE"
-KERNEL_GRAD_TARGET = "medjax_conv_kernel_grad"
 BN_POOL_TARGET = "medjax_conv_bn_pool"
 BN_POOL_GRAD_TARGET = "medjax_conv_bn_pool_kernel_grad"
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("kernel_grad.cc", "conv_bn_pool.cc")
+_SOURCES = ("conv_bn_pool.cc",)
 COUT_MULTIPLE = 16  # Output channels are taken 16 (one 512-bit vector of float32) at a time.
 
 status = "not loaded"
@@ -85,7 +82,6 @@ def available() -> bool:
                 _compile(path)
             library = ctypes.CDLL(path)
             for target, symbol in (
-                (KERNEL_GRAD_TARGET, library.MedjaxConvKernelGrad),
                 (BN_POOL_TARGET, library.MedjaxConvBnPool),
                 (BN_POOL_GRAD_TARGET, library.MedjaxConvBnPoolKernelGrad),
             ):
@@ -95,11 +91,6 @@ def available() -> bool:
             return False
         _loaded, status = True, f"loaded from {path}"
     return _loaded
-
-
-def supports_kernel_grad(kernel_shape, dtype) -> bool:
-    """Whether `conv_kernel_grad` takes this HWIO kernel shape and dtype."""
-    return jnp.dtype(dtype) == jnp.float32 and kernel_shape[3] % COUT_MULTIPLE == 0
 
 
 def supports_conv_bn_pool(x_shape, kernel_shape, dtype) -> bool:
@@ -120,18 +111,6 @@ def _padded(x, pads):
     """NHWC x zero-padded by ((top, bottom), (left, right))."""
     (top, bottom), (left, right) = pads
     return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-
-
-def conv_kernel_grad(x, g, kernel_shape, strides, pads) -> jnp.ndarray:
-    """Kernel cotangent [kh, kw, cin, cout] of a float32 NHWC/HWIO convolution of x with `strides` and
-    explicit `pads`, given its output cotangent g (check `available()` and `supports_kernel_grad()`)."""
-    kh, kw, cin, cout = kernel_shape
-    if not supports_kernel_grad(kernel_shape, x.dtype) or g.dtype != jnp.float32:
-        raise ValueError(f"conv_kernel_grad: unsupported kernel {kernel_shape} or dtypes {x.dtype}/{g.dtype}")
-    dk = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct((kh * kw * cin, cout), jnp.float32))(
-        _padded(x, pads), g, kh=kh, kw=kw, sh=strides[0], sw=strides[1]
-    )
-    return dk.reshape(kernel_shape)
 
 
 def _check_conv_bn_pool(x, kernel, name):
