@@ -46,7 +46,6 @@ def piece_lines() -> dict:
     return {
         "compiler_options": lines(cpu.compiler_options, cpu._has_avx512),
         "malloc": lines(cpu._tune_malloc),
-        "inline_dispatch": 4,  # Its lines in tune_process.
         "small_patches": lines(conv._patches_conv),
         "max_pool": lines(
             pool._forward, pool._backward, pool.max_pool, pool._max_pool_fwd, pool._max_pool_bwd
@@ -125,7 +124,7 @@ def serve(model: str, variant: str) -> None:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     # The program's identity: its optimized HLO, plus the process settings that the HLO does not show.
-    text = compiled.as_text() + (process if variant in ("malloc", "inline_dispatch") else "")
+    text = compiled.as_text() + (process if variant == "malloc" else "")
     holder = [state]
 
     def run(n):

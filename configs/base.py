@@ -34,7 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.cpu = ml_collections.ConfigDict()
     config.cpu.compiler_options = True  # Per-model XLA:CPU compile options.
     config.cpu.malloc = True  # glibc keeps freed memory for the next step.
-    config.cpu.inline_dispatch = True  # JAX runs CPU computations on the calling thread.
     config.cpu.small_patches = True  # Patch matmuls where the input or output is smaller than the kernel.
     config.cpu.max_pool = True  # Max pool with a fused gradient (ResNet's stem).
     config.cpu.pool_first = True  # Paper CNN blocks pool before normalising.

@@ -88,10 +88,9 @@ def _cpu_only_host() -> bool:
 
 
 def tune_process(config: ml_collections.ConfigDict) -> str:
-    """Process settings for the CPU ops (medjax.cpu.tune_process: glibc's allocator, inline dispatch); call
-    it from main() before anything starts a JAX backend. Does nothing when `config.ops` is 'flax', or 'auto'
-    on a host with a GPU/TPU plugin; `config.cpu.malloc` / `inline_dispatch` = False turn them off.
-    Returns what was done."""
+    """Process settings for the CPU ops (medjax.cpu.tune_process: glibc's allocator); call it from main()
+    before anything starts a JAX backend. Does nothing when `config.ops` is 'flax', or 'auto' on a host
+    with a GPU/TPU plugin; `config.cpu.malloc=False` turns it off. Returns what was done."""
     name = _choice(config)
     if name == "flax" or (name == "auto" and not _cpu_only_host()):
         return f"process settings unchanged (config.ops={name!r}, not the CPU ops)"

@@ -29,7 +29,6 @@ class Options(NamedTuple):
 
     compiler_options: bool = True  # Per-model XLA:CPU options (`compiler_options`).
     malloc: bool = True  # glibc keeps freed memory for the next step (`tune_process`).
-    inline_dispatch: bool = True  # JAX runs CPU computations on the calling thread (`tune_process`).
     small_patches: bool = True  # Patches where the input or output is smaller than the kernel.
     max_pool: bool = True  # Max pool with a fused gradient (ResNet's stem).
     pool_first: bool = True  # Paper CNN blocks: pool before normalising.
@@ -94,20 +93,12 @@ _MALLOPT = {
 
 
 def tune_process(options: Options = Options()) -> str:
-    """Process settings for XLA:CPU's steps; call it before JAX's backend starts. Returns what was done.
-
-    `malloc`: glibc's malloc keeps XLA:CPU's big per-step buffers in one heap for the next step instead of
-    returning them to the OS and faulting them in again, page by page (Linux/glibc only).
-    `inline_dispatch`: JAX runs CPU computations on the calling thread, so a step's temporary buffer is
-    allocated, and reused, by the same thread every step.
-    """
-    done = [_tune_malloc() if options.malloc else "allocator unchanged (config.cpu.malloc=False)"]
-    if options.inline_dispatch:
-        import jax
-
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
-        done.append("CPU computations on the calling thread")
-    return "; ".join(done)
+    """Makes glibc's malloc keep XLA:CPU's big per-step buffers in one heap for the next step instead of
+    returning them to the OS and faulting them in again, page by page; returns what was done. Call it
+    before JAX starts its threads. Does nothing off Linux/glibc or when `options.malloc` is off."""
+    if not options.malloc:
+        return "allocator unchanged (config.cpu.malloc=False)"
+    return _tune_malloc()
 
 
 def _tune_malloc() -> str:
