@@ -158,10 +158,11 @@ def test_split_stable_when_an_image_is_added_and_folders_do_not_collide(trained,
     config, _, _ = trained
     builder, splits = prepared
     copy = tmp_path / "copy"
-    shutil.copytree(config.data.folder, copy)
+    shutil.copytree(config.data.folder, copy)  # Same files and modification times, another path.
+    same = datasets.prepare_config(_config(copy, config.data.tfds_dir).data)
     _write_image(copy / "nodule" / "new.png", np.random.default_rng(99), 2, (50, 40), "L", "PNG")
     grown = datasets.prepare_config(_config(copy, config.data.tfds_dir).data)
-    assert grown.data_dir != builder.data_dir
+    assert len({builder.data_dir, same.data_dir, grown.data_dir}) == 3
     before = {n: s for s in SPLITS for n in splits[s]["file_name"]}
     after = {n: s for s, arrays in _splits(grown).items() for n in arrays["file_name"]}
     assert after.pop("nodule/new.png") == folders.split_for_hash(_sha256(copy / "nodule" / "new.png"))
