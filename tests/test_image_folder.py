@@ -94,32 +94,29 @@ def _sha256(path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A quick run on a generated folder: (config, workdir, reports)."""
+def prepared(tmp_path_factory):
+    """A generated folder, prepared: (config, builder, splits)."""
     root = tmp_path_factory.mktemp("image_folder")
-    folder = _make_folder(root / "images")
-    config = _config(folder, root / "tfds")
-    workdir = str(root / "run")
-    return config, workdir, train.train_and_evaluate(config, workdir)
+    config = _config(_make_folder(root / "images"), root / "tfds")
+    builder = datasets.prepare_config(config.data)
+    return config, builder, _splits(builder)
 
 
 @pytest.fixture(scope="module")
-def prepared(trained):
-    config, _, _ = trained
-    builder = datasets.prepare_config(config.data)
-    return builder, _splits(builder)
+def trained(prepared, tmp_path_factory):
+    """A quick run on the prepared folder: (config, workdir, reports)."""
+    config = prepared[0]
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return config, workdir, train.train_and_evaluate(config, workdir)
 
 
-def test_class_names_are_the_sorted_subfolders(trained, prepared):
-    config, workdir, _ = trained
-    builder, _ = prepared
+def test_class_names_are_the_sorted_subfolders(prepared):
+    _, builder, _ = prepared
     assert builder.info.features["label"].names == sorted(CLASSES)
-    assert json.load(open(os.path.join(workdir, "config.json")))["class_names"] == sorted(CLASSES)
 
 
-def test_duplicates_collapsed_and_splits_follow_the_content_hash(trained, prepared):
-    config, _, _ = trained
-    builder, splits = prepared
+def test_duplicates_collapsed_and_splits_follow_the_content_hash(prepared):
+    config, builder, splits = prepared
     names = np.concatenate([splits[s]["file_name"] for s in SPLITS])
     assert len(names) == len(set(names)) == 3 * 20  # 21 files per class, one a copy.
     assert not any("zz_copy_of" in n for n in names)
@@ -131,7 +128,7 @@ def test_duplicates_collapsed_and_splits_follow_the_content_hash(trained, prepar
 
 
 def test_splits_are_stratified(prepared):
-    _, splits = prepared
+    _, _, splits = prepared
     class_names = sorted(CLASSES)
     for label, name in enumerate(class_names):
         counts = [int(np.sum(splits[s]["label"] == label)) for s in SPLITS]
@@ -141,9 +138,8 @@ def test_splits_are_stratified(prepared):
             assert all(splits[split]["label"][np.isin(splits[split]["file_name"], in_split)] == label)
 
 
-def test_images_are_resized_and_converted(trained, prepared):
-    config, _, _ = trained
-    _, splits = prepared
+def test_images_are_resized_and_converted(prepared):
+    config, _, splits = prepared
     arrays = {n: image for s in SPLITS for n, image in zip(splits[s]["file_name"], splits[s]["image"])}
     assert all(image.shape == (SIZE, SIZE, 1) and image.dtype == np.uint8 for image in arrays.values())
     for name in ("normal/img01.png", "effusion/img02.jpg", "nodule/img00.png"):  # RGB PNG, JPEG, gray PNG.
@@ -154,9 +150,8 @@ def test_images_are_resized_and_converted(trained, prepared):
     assert arrays["normal/scan.dcm"].std() > 20  # The DICOM's window spreads its values over 0..255.
 
 
-def test_split_stable_when_an_image_is_added_and_folders_do_not_collide(trained, prepared, tmp_path):
-    config, _, _ = trained
-    builder, splits = prepared
+def test_split_stable_when_an_image_is_added_and_folders_do_not_collide(prepared, tmp_path):
+    config, builder, splits = prepared
     copy = tmp_path / "copy"
     shutil.copytree(config.data.folder, copy)  # Same files and modification times, another path.
     same = datasets.prepare_config(_config(copy, config.data.tfds_dir).data)
@@ -172,6 +167,7 @@ def test_split_stable_when_an_image_is_added_and_folders_do_not_collide(trained,
 def test_evaluate_prepares_the_split_and_reads_folders(trained, tmp_path):
     config, workdir, reports = trained
     assert set(reports) == {"validation", "test"}
+    assert json.load(open(os.path.join(workdir, "config.json")))["class_names"] == sorted(CLASSES)
     # Evaluation prepares the dataset from the config in the checkpoint (here into a fresh TFDS dir).
     report = evaluate.evaluate_checkpoint(workdir, split="test", tfds_dir=str(tmp_path / "tfds"))
     assert report["num_examples"] == reports["test"]["num_examples"] > 0
@@ -234,6 +230,13 @@ def _break_multi_frame(root):
     return "b/cine.dcm"
 
 
+def _break_too_few_images(root):
+    for name in ("a", "b"):
+        for i in range(2, 12):
+            os.remove(root / name / f"{i}.png")
+    return ""  # The error names the folder.
+
+
 @pytest.mark.parametrize(
     "corrupt,message",
     [
@@ -242,12 +245,13 @@ def _break_multi_frame(root):
         (_break_cross_class_duplicate, "different classes"),
         (_break_non_image, "non-image file"),
         (_break_multi_frame, "multi-frame"),
+        (_break_too_few_images, "No image of .* falls in the"),
     ],
 )
 def test_bad_files_stop_the_build_naming_the_file(small_folder, tmp_path, corrupt, message):
     config = _config(small_folder, tmp_path / "tfds")
     datasets.prepare_config(config.data)  # The intact folder prepares.
-    bad = os.path.join(small_folder, corrupt(small_folder))
+    bad = os.path.normpath(os.path.join(small_folder, corrupt(small_folder)))
     with pytest.raises(ValueError, match=message) as error:
         datasets.prepare_config(config.data)
     assert repr(bad) in str(error.value)
