@@ -78,16 +78,18 @@ def _evaluate_step(manager, workdir, step, *, split, folder, manual_dir, tfds_di
     image_shape = tuple(preprocessing["image_shape"])
 
     if folder is not None:
-        arrays = datasets.read_class_folder(folder, class_names)
+        if config.data.name == "image_folder":  # Decoded, resized and converted as the dataset stores them.
+            size, channels = config.data.stored_image_size, config.data.stored_channels
+            arrays = datasets.image_folder.read_class_folder(folder, class_names, size, channels)
+        else:
+            arrays = datasets.read_class_folder(folder, class_names)
         if arrays["image"].shape[1:] != image_shape:
             raise ValueError(
                 f'Images in {folder} have shape {arrays["image"].shape[1:]}; the model expects {image_shape}.'
             )
         source = {"folder": files.absolute(folder)}
     else:
-        builder = datasets.prepare(
-            config.data.name, tfds_dir or config.data.tfds_dir, manual_dir or config.data.manual_dir
-        )
+        builder = datasets.prepare_config(config.data, tfds_dir, manual_dir)
         arrays = datasets.load_split(builder, split)
         source = {"split": split, "dataset": config.data.name}
 

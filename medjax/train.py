@@ -46,13 +46,13 @@ def quiet_library_logs() -> None:
 def load_data(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
     """Prepares the dataset once (process 0 first) and loads train/eval/test splits into memory."""
     if jax.process_index() == 0:
-        builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
+        builder = datasets.prepare_config(config.data)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("medjax: dataset prepared")
     if jax.process_index() != 0:
-        builder = datasets.prepare(config.data.name, config.data.tfds_dir, config.data.manual_dir)
+        builder = datasets.prepare_config(config.data)
     splits = {
         "train": config.data.train_split,
         "eval": config.data.eval_split,

@@ -7,7 +7,6 @@ duplicates and stay stable when images are added or removed.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import os
@@ -18,13 +17,14 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from medjax.datasets import folders
 from medjax.datasets import registry
+from medjax.datasets.folders import SPLITS, split_for_hash  # noqa: F401  (kept importable from here)
 from medjax.datasets.registry import load_split, prepare  # noqa: F401  (kept importable from here)
 
 CLASS_NAMES = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 IMAGE_SHAPE = (64, 64, 1)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-SPLITS = ("train", "validation", "test")
 
 MEDNIST_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/" "0.8.1/MedNIST.tar.gz"
@@ -49,16 +49,6 @@ Optional. Point the manual dir at a folder holding one of:
     <manual_dir>/MedNIST.tar.gz  (from %s)
 where <Class> is one of %s. Without a manual dir, MedNIST.tar.gz is downloaded.
 """ % (MEDNIST_URL, ", ".join(CLASS_NAMES))
-
-
-def split_for_hash(sha256_hex: str) -> str:
-    """Returns the split of an image from the hex sha256 of its file bytes."""
-    u = int(sha256_hex[:16], 16) / 2**64
-    if u < 0.8:
-        return "train"
-    if u < 0.9:
-        return "validation"
-    return "test"
 
 
 def decode_image(path_or_bytes: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
@@ -89,72 +79,14 @@ def decode_image(path_or_bytes: str | os.PathLike | bytes, name: str | None = No
     return array[:, :, None]
 
 
-def _scan_class_folders(root: str, class_names: Sequence[str], require_all: bool) -> list[tuple[str, int]]:
-    """Lists (file_name, label) for the images under root/<Class>/, sorted.
-
-    file_name is the relative path '<Class>/<file>'. Hidden entries and files
-    at the top level of root are ignored; anything else unexpected is an error.
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"Image folder {root!r} does not exist.")
-    expected = ", ".join(class_names)
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    for folder in folders:
-        if folder not in class_names:
-            raise ValueError(
-                f"Unknown class folder {os.path.join(root, folder)!r}; "
-                f"expected class folders: {expected}."
-            )
-    if require_all:
-        for class_name in class_names:
-            if class_name not in folders:
-                raise ValueError(
-                    f"Class folder {os.path.join(root, class_name)!r} is missing; "
-                    f"expected class folders: {expected}."
-                )
-    if not folders:
-        raise ValueError(f"No class folders in {root!r}; expected some of: {expected}.")
-
-    items = []
-    for folder in folders:
-        label = class_names.index(folder)
-        class_dir = os.path.join(root, folder)
-        num_images = 0
-        for entry in os.scandir(class_dir):
-            if entry.name.startswith("."):
-                continue
-            path = os.path.join(class_dir, entry.name)
-            if not entry.is_file():
-                raise ValueError(f"Unexpected non-file entry {path!r} in class folder.")
-            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(
-                    f"Unexpected non-image file {path!r}; image files must end in "
-                    f'{", ".join(IMAGE_EXTENSIONS)}.'
-                )
-            items.append((f"{folder}/{entry.name}", label))
-            num_images += 1
-        if not num_images:
-            raise ValueError(f"Class folder {class_dir!r} has no images.")
-    return sorted(items)
-
-
 def _read_examples(root: str, class_names: Sequence[str], require_all: bool) -> dict[str, np.ndarray]:
     """Scans, hashes and decodes all images under root (see read_class_folder)."""
-    items = _scan_class_folders(root, class_names, require_all)
+    items = folders.scan(root, class_names, require_all=require_all, extensions=IMAGE_EXTENSIONS)
+    examples = folders.hash_files(root, items)
     images = np.empty((len(items), *IMAGE_SHAPE), np.uint8)
-    hashes = []
     for i, (file_name, _) in enumerate(items):
-        path = os.path.join(root, file_name)
-        with open(path, "rb") as f:
-            data = f.read()
-        hashes.append(hashlib.sha256(data).hexdigest())
-        images[i] = decode_image(data, name=path)
-    return {
-        "image": images,
-        "label": np.array([label for _, label in items], np.int32),
-        "file_name": np.array([file_name for file_name, _ in items], dtype=str),
-        "sha256": np.array(hashes, dtype=str),
-    }
+        images[i] = decode_image(os.path.join(root, file_name))
+    return {"image": images, **examples}
 
 
 def read_class_folder(
@@ -170,43 +102,13 @@ def read_class_folder(
     return _read_examples(os.fspath(root), tuple(class_names), require_all=False)
 
 
-def _remove_duplicates(
-    examples: dict[str, np.ndarray], root: str
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Keeps the first file (by file_name) of each group of identical files.
-
-    Returns the kept examples and the number removed per class name. Raises
-    ValueError if identical files are in different classes.
-    """
-    first_index = {}
-    keep = []
-    removed = collections.Counter()
-    # Examples are sorted by file_name, so the first one seen is kept.
-    for i, sha256 in enumerate(examples["sha256"]):
-        j = first_index.setdefault(sha256, i)
-        if j == i:
-            keep.append(i)
-            continue
-        if examples["label"][i] != examples["label"][j]:
-            raise ValueError(
-                "Identical image files in different classes: "
-                f'{os.path.join(root, examples["file_name"][j])!r} and '
-                f'{os.path.join(root, examples["file_name"][i])!r}.'
-            )
-        removed[CLASS_NAMES[examples["label"][i]]] += 1
-    kept = {key: value[keep] for key, value in examples.items()}
-    return kept, dict(sorted(removed.items()))
-
-
 def _has_class_folder(path: str) -> bool:
     return any(os.path.isdir(os.path.join(path, c)) for c in CLASS_NAMES)
 
 
 @registry.register("medical_mnist")
-class MedicalMnist(tfds.core.GeneratorBasedBuilder):
+class MedicalMnist(folders.HashSplitBuilder):
     """Medical MNIST / MedNIST, deduplicated, with content-hash splits."""
-
-    SORT_KEY = "file_name"  # load_split's order, as read_class_folder's.
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {
@@ -244,18 +146,11 @@ class MedicalMnist(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        root = self._source_root(dl_manager)
-        examples = _read_examples(root, CLASS_NAMES, require_all=True)
-        examples, removed = _remove_duplicates(examples, root)
-        self.info.metadata["duplicates_removed"] = sum(removed.values())
-        self.info.metadata["duplicates_removed_per_class"] = removed
-        splits = np.array([split_for_hash(h) for h in examples["sha256"]])
-        return {split: self._generate_examples(examples, np.flatnonzero(splits == split)) for split in SPLITS}
+    def _scan(self, root: str) -> list[tuple[str, int]]:
+        return folders.scan(root, CLASS_NAMES, require_all=True, extensions=IMAGE_EXTENSIONS)
 
-    def _generate_examples(self, examples, indices):
-        for i in indices:
-            yield examples["file_name"][i], {key: value[i] for key, value in examples.items()}
+    def _decode(self, data: bytes, path: str) -> np.ndarray:
+        return decode_image(data, name=path)
 
     def _source_root(self, dl_manager: tfds.download.DownloadManager) -> str:
         """Returns the folder holding the <Class>/ folders (downloads if needed)."""

@@ -22,18 +22,21 @@ def register(name: str):
 
 
 def prepare(
-    name: str, tfds_dir: str | None = None, manual_dir: str | None = None
+    name: str, tfds_dir: str | None = None, manual_dir: str | None = None, **options
 ) -> tfds.core.DatasetBuilder:
     """Returns the builder for `name`, preparing the dataset if needed (a prepared one needs no source).
 
     tfds_dir None uses the TFDS default (or $TFDS_DATA_DIR). manual_dir None uses $MEDJAX_MANUAL_DIR if
-    set, else the builder's own source (Medical MNIST downloads; MedMNIST needs a manual dir).
+    set, else the builder's own source (Medical MNIST downloads; MedMNIST needs a manual dir); builders
+    without manual download instructions ignore it. `options` go to the builder class (see prepare_config).
     """
     if name not in BUILDERS:
         raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(BUILDERS)}.')
-    builder = BUILDERS[name](data_dir=tfds_dir)
+    builder = BUILDERS[name](data_dir=tfds_dir, **options)
     if not builder.is_prepared():
-        if manual_dir is None:
+        if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            manual_dir = None
+        elif manual_dir is None:
             manual_dir = os.environ.get("MEDJAX_MANUAL_DIR") or None
         if manual_dir is not None and not os.path.isdir(manual_dir):
             raise FileNotFoundError(f"Manual dir {manual_dir!r} does not exist.")
@@ -42,6 +45,20 @@ def prepare(
             raise FileNotFoundError(f"Manual dir {manual_dir!r} is empty.")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
+
+
+def prepare_config(
+    data_config, tfds_dir: str | None = None, manual_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
+    """prepare() for a `config.data`: its name, tfds_dir and manual_dir (unless given here), and the
+    fields its builder class names in CONFIG_FIELDS (constructor argument -> config.data field)."""
+    if data_config.name not in BUILDERS:
+        raise ValueError(f'Unknown dataset {data_config.name!r}; known datasets: {", ".join(BUILDERS)}.')
+    fields = getattr(BUILDERS[data_config.name], "CONFIG_FIELDS", {})
+    options = {arg: data_config.get(field) for arg, field in fields.items()}
+    return prepare(
+        data_config.name, tfds_dir or data_config.tfds_dir, manual_dir or data_config.manual_dir, **options
+    )
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
