@@ -58,7 +58,7 @@ def _normalise(maps: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(peak > 0, maps / jnp.where(peak > 0, peak, 1.0), 0.0)
 
 
-def _grad_cam(variables, images, *, model, stage, activation_shape, preprocessing):
+def _grad_cam(variables, images, classes, *, model, stage, activation_shape, preprocessing):
     path, index = stage
     x = steps.preprocess(images, **preprocessing)
 
@@ -75,7 +75,7 @@ def _grad_cam(variables, images, *, model, stage, activation_shape, preprocessin
 
         with nn.intercept_methods(perturb):
             logits = model.apply(variables, x, train=False)
-        top = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
+        top = jnp.where(classes >= 0, classes, jax.lax.stop_gradient(jnp.argmax(logits, axis=-1)))
         score = jnp.take_along_axis(logits, top[:, None], axis=-1).sum()
         return score, (seen[index], top)
 
@@ -88,8 +88,7 @@ def _grad_cam(variables, images, *, model, stage, activation_shape, preprocessin
 
 
 class GradCam:
-    """Grad-CAM maps of uint8 [N, H, W, C] images (as stored) for the model's top class, jitted once per
-    batch shape."""
+    """Grad-CAM maps of uint8 [N, H, W, C] images (as stored), jitted once per batch shape."""
 
     def __init__(self, model: nn.Module, variables: dict, image_shape, preprocessing: dict):
         self.preprocessing = {k: preprocessing.get(k, 0) for k in ("mean", "std", "image_size", "channels")}
@@ -110,14 +109,21 @@ class GradCam:
             )
         )
 
-    def __call__(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(maps [N, H, W] in 0..1, top class [N]), in padded batches of `batch_size`."""
+    def __call__(
+        self, images: np.ndarray, batch_size: int, classes: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(maps [N, H, W] in 0..1, class [N]) for `classes` (default: the model's top class), in padded
+        batches of `batch_size`."""
+        if classes is None:
+            classes = np.full(len(images), -1, np.int32)
         maps, tops = [], []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             padded = np.zeros((batch_size, *images.shape[1:]), images.dtype)
             padded[: len(chunk)] = chunk
-            m, t = self._fn(self._variables, padded)
+            targets = np.full(batch_size, -1, np.int32)
+            targets[: len(chunk)] = classes[start : start + batch_size]
+            m, t = self._fn(self._variables, padded, targets)
             maps.append(np.asarray(m)[: len(chunk)])
             tops.append(np.asarray(t)[: len(chunk)])
         return np.concatenate(maps), np.concatenate(tops)

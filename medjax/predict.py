@@ -11,6 +11,7 @@ failed (the others still get theirs), 1 if the job could not run (see docs/predi
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -80,6 +81,12 @@ class Model:
             **input_kwargs,
         )
 
+    @functools.cached_property
+    def grad_cam(self) -> explain.GradCam:
+        grad_cam = explain.GradCam(self.model, self.variables, self.image_shape, self.preprocessing)
+        logging.info("Grad-CAM on the output of %s.", "/".join(grad_cam.stage[0]))
+        return grad_cam
+
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """[N, num_classes] for uint8 [N, *image_shape] pixels."""
         labels = np.zeros(len(pixels), np.int32)
@@ -133,6 +140,7 @@ def predict_files(
         "workdir": model.workdir,
         "checkpoint_step": model.step,
         "class_names": model.class_names,
+        "preprocessing": model.preprocessing,
         "num_files": len(rows),
         "num_failed": failed,
         "skipped": skipped,
@@ -142,13 +150,10 @@ def predict_files(
 
 def _explain(model: Model, explain_dir: str, good, pixels: np.ndarray) -> None:
     """Writes `<index>_<name>.gradcam.png` and `.occlusion.png` per file and records their paths."""
-    if not hasattr(model, "grad_cam"):
-        model.grad_cam = explain.GradCam(model.model, model.variables, model.image_shape, model.preprocessing)
-        logging.info("Grad-CAM on the output of %s.", "/".join(model.grad_cam.stage[0]))
     os.makedirs(explain_dir, exist_ok=True)
-    maps, _ = model.grad_cam(pixels, model.batch_size)
-    for (row, image, stem), cam in zip(good, maps):
-        top = model.class_names.index(row["top_class"])
+    classes = np.array([model.class_names.index(row["top_class"]) for row, _, _ in good], np.int32)
+    maps, _ = model.grad_cam(pixels, model.batch_size, classes)
+    for (row, image, stem), cam, top in zip(good, maps, classes):
         heat = explain.occlusion(model.probabilities, image, top, mean=model.preprocessing["mean"])
         row["explanations"] = {}
         for method, heat_map in (("gradcam", cam), ("occlusion", heat)):

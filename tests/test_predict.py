@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pydicom
 import pytest
 from PIL import Image
 
 from configs import quick
 from medjax import datasets, explain, images, models, predict, steps, train, transfer
-
-pydicom = pytest.importorskip("pydicom")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")
