@@ -99,7 +99,7 @@ def _read_pil(path: str, max_pixels: int) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `max_pixels` decides.
-            with Image.open(path) as image:
+            with Image.open(path, formats=("PNG", "JPEG")) as image:
                 _check_size(*image.size, max_pixels)
                 if getattr(image, "n_frames", 1) > 1:
                     notes.append(f"first of {image.n_frames} frames")

@@ -197,6 +197,25 @@ def write_report(report: dict, output: str | None) -> None:
         files.write_json(output, report)
 
 
+def run(
+    workdir: str,
+    paths: list[str],
+    *,
+    step: int | None = None,
+    output: str | None = None,
+    explain_dir: str | None = None,
+    batch_size: int | None = None,
+    max_pixels: int = images.MAX_PIXELS,
+) -> int:
+    """Predicts `paths`, writes the report, and returns the exit status (0, or EXIT_FILE_ERRORS)."""
+    report = predict_files(
+        Model(workdir, step, batch_size), paths, max_pixels=max_pixels, explain_dir=explain_dir
+    )
+    write_report(report, output)
+    logging.info("%d files, %d failed.", report["num_files"], report["num_failed"])
+    return EXIT_FILE_ERRORS if report["num_failed"] else 0
+
+
 def main(argv):
     paths = argv[1:]
     if not paths:
@@ -208,14 +227,18 @@ def main(argv):
     train.quiet_library_logs()
     tf.config.set_visible_devices([], "GPU")
     try:
-        model = Model(_WORKDIR.value, _STEP.value, _BATCH_SIZE.value)
+        status = run(
+            _WORKDIR.value,
+            paths,
+            step=_STEP.value,
+            output=_OUTPUT.value,
+            explain_dir=_EXPLAIN.value,
+            batch_size=_BATCH_SIZE.value,
+            max_pixels=_MAX_PIXELS.value,
+        )
     except (checkpointing.BadCheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(str(e))  # One line on stderr, exit status 1.
-    report = predict_files(model, paths, max_pixels=_MAX_PIXELS.value, explain_dir=_EXPLAIN.value)
-    write_report(report, _OUTPUT.value)
-    logging.info("%d files, %d failed.", report["num_files"], report["num_failed"])
-    if report["num_failed"]:
-        sys.exit(EXIT_FILE_ERRORS)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

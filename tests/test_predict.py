@@ -23,6 +23,7 @@ from PIL import Image
 
 from configs import quick
 from medjax import datasets, explain, images, models, predict, steps, train, transfer
+from medjax.models import resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")
@@ -157,11 +158,9 @@ def _by_name(report):
 
 def test_read_image_applies_the_format_rules(mixed):
     folder, expected = mixed
-    for name, pixels in expected.items():
-        path = folder / "dicom" / name if name in ("mono2.dcm", "IM0001") else folder / name
-        decoded = images.read_image(str(path))
-        if pixels is not None and pixels.shape[2] == 1:
-            np.testing.assert_array_equal(decoded.pixels, pixels, err_msg=name)
+    for name in ("hand.jpeg", "deep16.png", "dicom/mono2.dcm", "dicom/IM0001"):
+        decoded = images.read_image(str(folder / name))
+        np.testing.assert_array_equal(decoded.pixels, expected[os.path.basename(name)], err_msg=name)
     notes = images.read_image(str(folder / "dicom" / "IM0001")).notes
     assert "MONOCHROME1 inverted" in notes and "window center 400 width 1000 (LINEAR)" in notes
     assert "rescale slope 2.0 intercept -1000.0" in notes
@@ -170,7 +169,8 @@ def test_read_image_applies_the_format_rules(mixed):
 def test_predictions_for_good_files_equal_evaluation_on_the_same_pixels(workdir, mixed, report):
     folder, expected = mixed
     rows = _by_name(report)
-    assert report["class_names"] == CLASS_NAMES and report["checkpoint_step"] >= 4
+    assert report["class_names"] == CLASS_NAMES
+    assert report["checkpoint_step"] == max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")))
     assert report["skipped"] == [str(folder / "notes.txt")]
     good = sorted(expected)
     pixels = []
@@ -234,11 +234,13 @@ def test_cli_writes_csv_and_overlays_and_exits_3_on_file_errors(workdir, mixed, 
         assert not lines[name]["top_class"]
 
 
-def test_cli_prints_json_and_exits_0_when_every_file_succeeds(workdir, mixed, report, tmp_path):
+def test_run_prints_json_and_returns_0_when_every_file_succeeds(workdir, mixed, report, tmp_path, capsys):
     folder, _ = mixed
-    run = _run(f"--workdir={workdir}", folder / "hand.jpeg", folder / "dicom" / "mono2.dcm")
-    assert run.returncode == 0, run.stderr[-3000:]
-    printed = json.loads(run.stdout)
+    status = predict.run(
+        workdir, [str(folder / "hand.jpeg"), str(folder / "dicom" / "mono2.dcm")], batch_size=8
+    )
+    assert status == 0
+    printed = json.loads(capsys.readouterr().out)
     assert printed["num_failed"] == 0 and printed["num_files"] == 2
     expected = _by_name(report)
     for row in printed["files"]:
@@ -263,7 +265,7 @@ def _run(*args):
 # ----------------------------------------------------------------------------------------------------
 # Explanations point at what decides the class.
 
-SIDE, PATCH, MARGIN = 32, 6, 4  # MARGIN: the last stage's stride (two 2x2 pools).
+SIDE, PATCH, MARGIN = 32, 6, 2  # MARGIN: the last stage's stride.
 
 
 def _patch_images(rng, n):
@@ -283,35 +285,39 @@ def _on_patch(heat, corner):
     return top - MARGIN <= row < top + PATCH + MARGIN and left - MARGIN <= col < left + PATCH + MARGIN
 
 
-def test_explanation_maps_peak_on_the_patch_that_decides_the_class():
-    """A tiny CNN learns 'has a bright patch'; on patch images both maps peak within MARGIN pixels of the
-    patch for at least 80% of the images (a random peak would land there about 19% of the time)."""
-    model_config = ml_collections.ConfigDict(
-        dict(name="paper_cnn", features=(8, 16), dense_features=16, dropout_rate=0.0)
+def _patch_model():
+    """A two-stage ResNet (global pooling, then a dense head) trained for 30 steps on `_patch_images`:
+    (model, variables, normalisation)."""
+    model = resnet.ResNet(
+        num_classes=2, stage_sizes=(1, 1), block_cls=resnet.BasicBlock, stem="small", width=8
     )
-    model = models.create_model(model_config, 2)
-    rng = np.random.default_rng(1)
-    prep = dict(mean=0.2, std=0.3)
-    tx = optax.adam(3e-3)
+    rng, prep, tx = np.random.default_rng(1), dict(mean=0.2, std=0.3), optax.adam(1e-2)
     state = steps.init_state(model, tx, jax.random.key(0), (SIDE, SIDE, 1))
     step = jax.jit(
         lambda state, batch: steps.train_step(
             state, batch, model=model, tx=tx, dropout_key=jax.random.key(1), label_smoothing=0.0, **prep
         )
     )
-    for _ in range(60):
+    for _ in range(30):
         x, y, _ = _patch_images(rng, 32)
         state, _ = step(state, {"image": x, "label": y})
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    x, y, corners = _patch_images(rng, 64)
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, prep
+
+
+def test_explanation_maps_peak_on_the_patch_that_decides_the_class():
+    """A tiny CNN learns 'has a bright patch'; on held-out patch images, both maps peak within MARGIN
+    pixels of the patch for at least 80% of the images (a random peak would land there about 10% of the
+    time)."""
+    model, variables, prep = _patch_model()
+    x, y, corners = _patch_images(np.random.default_rng(2), 32)
     probabilities = jax.jit(lambda images: steps.eval_step(variables, images, model=model, **prep))
     assert np.mean(np.argmax(probabilities(x), -1) == y) >= 0.9
-    x, corners = x[y == 1], corners[y == 1]
+    x, corners = x[y == 1][:12], corners[y == 1][:12]
 
     grad_cam = explain.GradCam(model, variables, (SIDE, SIDE, 1), prep)
-    assert grad_cam.stage == (("block1",), 0) and grad_cam.activation_shape == (1, 8, 8, 16)
+    assert grad_cam.stage == (("layer2_0",), 0) and grad_cam.activation_shape == (1, 16, 16, 16)
     maps, tops = grad_cam(x, 32)
-    assert maps.shape == x.shape[:3] and maps.min() >= 0 and maps.max() <= 1
+    assert maps.shape == x.shape[:3] and maps.min() >= 0 and maps.max() == 1
     cam_hits = np.mean([_on_patch(m, c) for m, c in zip(maps, corners)])
     occlusion_hits = np.mean(
         [
