@@ -176,6 +176,8 @@ def _read_dicom(path: str, max_pixels: int) -> Decoded:
     except Exception as e:  # Missing attributes, unsupported transfer syntax, truncated pixel data.
         raise ImageError(f"cannot decode the DICOM pixel data: {type(e).__name__}: {e}") from e
     notes = []
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and raw.ndim != 2:
+        raise ImageError(f"monochrome DICOM pixel data of shape {raw.shape}; expected rows x columns")
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         values = dicom_pixels.apply_modality_lut(raw, ds).astype(np.float64)
         if "ModalityLUTSequence" in ds:

@@ -118,6 +118,12 @@ def predict_files(
                 logging.error("%s: %s", path, e)
                 rows.append({"file": path, "error": str(e)})
                 continue
+            except Exception as e:  # Any other failure on one file must not stop the others.
+                logging.exception("%s: unexpected error reading the file.", path)
+                rows.append(
+                    {"file": path, "error": f"unexpected error reading the file: {type(e).__name__}: {e}"}
+                )
+                continue
             rows.append({"file": path, "notes": notes})
             good.append(
                 (rows[-1], pixels, f"{len(rows) - 1:05d}_{os.path.splitext(os.path.basename(path))[0]}")
