@@ -180,22 +180,24 @@ def test_micro_auc_matches_sklearn(tied):
 
 
 def test_expected_calibration_error_by_hand():
-    """Confidences 0.9 (right), 0.9 (wrong), 0.7, 0.7 (right), 1.0 (right): three of the 15 bins are used.
+    """Confidences 0.9 (right), 0.9 (wrong), 0.7, 0.7 (right), 1.0 (right) and 0.6 = 9/15 (right), which
+    lies on a bin edge and belongs to the bin below it.
 
-    ECE = 2/5 |0.5 - 0.9| + 2/5 |1 - 0.7| + 1/5 |1 - 1.0| = 0.16 + 0.12 = 0.28.
+    ECE = 2/6 |0.5 - 0.9| + 2/6 |1 - 0.7| + 1/6 |1 - 1.0| + 1/6 |1 - 0.6| = (0.8 + 0.6 + 0 + 0.4) / 6 = 0.3.
     """
-    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.7, 0.3], [0.0, 1.0]])
-    report = metrics.classification_report(probs, np.array([0, 1, 1, 0, 1]), ["a", "b"])
-    assert report["ece"] == pytest.approx(0.28, abs=1e-12)
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.7, 0.3], [0.0, 1.0], [0.6, 0.4]])
+    report = metrics.classification_report(probs, np.array([0, 1, 1, 0, 1, 0]), ["a", "b"])
+    assert report["ece"] == pytest.approx(0.3, abs=1e-12)
     bins = report["reliability"]["bins"]
     assert len(bins) == 15 and report["reliability"]["binning"].startswith("15 equal-width")
     filled = {i: b for i, b in enumerate(bins) if b["count"]}
-    assert sorted(filled) == [10, 13, 14]  # (10/15, 11/15], (13/15, 14/15], (14/15, 1].
+    assert sorted(filled) == [8, 10, 13, 14]  # (8/15, 9/15], (10/15, 11/15], (13/15, 14/15], (14/15, 1].
     assert filled[13] == pytest.approx(
         {"lower": 13 / 15, "upper": 14 / 15, "confidence": 0.9, "accuracy": 0.5, "count": 2}
     )
     assert filled[10]["confidence"] == pytest.approx(0.7) and filled[10]["accuracy"] == 1.0
     assert filled[14]["count"] == 1 and filled[14]["confidence"] == 1.0
+    assert filled[8]["count"] == 1 and filled[8]["confidence"] == 0.6
     assert all(
         b["confidence"] is None and b["accuracy"] is None for i, b in enumerate(bins) if i not in filled
     )
@@ -289,6 +291,22 @@ def test_roc_curves_are_sklearn_s_thinned_to_a_bounded_number_of_points(tied):
         assert {tuple(point) for point in curve.T.tolist()} <= corners
         area = np.sum(np.diff(curve[0]) * (curve[1, 1:] + curve[1, :-1]) / 2)
         assert area == pytest.approx(report["per_class"][name]["auc"], abs=2e-3)
+
+
+def test_roc_thinning_keeps_sparse_corners_where_corners_are_dense_elsewhere():
+    """A staircase of ten 0.05 x 0.05 steps, then ~1,000 tiny corners: thinning by position along the
+    curve keeps every step of the staircase and the area under the curve."""
+    staircase = np.tile(np.repeat([1, 0], 100), 10)
+    rest = np.random.default_rng(0).permutation(np.repeat([1, 0], 1000))
+    positives = np.concatenate([staircase, rest])
+    scores = -np.arange(len(positives), dtype=float)  # Descending: the staircase scores highest.
+    curve = metrics.roc_curve(scores, positives)
+    assert len(curve["fpr"]) <= metrics.ROC_MAX_POINTS
+    points = set(zip(curve["fpr"], curve["tpr"]))
+    for step in range(1, 11):
+        assert (round(0.05 * (step - 1), 6), round(0.05 * step, 6)) in points, step
+    area = np.sum(np.diff(curve["fpr"]) * (np.array(curve["tpr"][1:]) + curve["tpr"][:-1]) / 2)
+    assert area == pytest.approx(skm.roc_auc_score(positives, scores), abs=1e-3)
 
 
 def test_absent_class_has_no_roc_curve_and_the_report_is_strict_json(tied):

@@ -65,11 +65,15 @@ def test_report_figures_draw_the_report_s_numbers():
     for name, line in curves.items():
         np.testing.assert_array_equal(line.get_xdata(), report["roc_curves"][name]["fpr"])
         np.testing.assert_array_equal(line.get_ydata(), report["roc_curves"][name]["tpr"])
-    top = plots.reliability_figure(report).axes[0]
+    assert "95% CI" in roc.get_title()
+    report["bootstrap"]["macro_auc"] = None  # No interval: the title leaves it out.
+    assert "CI" not in plots.roc_figure(report).axes[0].get_title()
+    top, bottom = plots.reliability_figure(report).axes
     bars = [(p.get_x(), p.get_height()) for p in top.patches]
     filled = [b for b in report["reliability"]["bins"] if b["count"]]
     np.testing.assert_allclose(bars, [(b["lower"], b["accuracy"]) for b in filled])
     assert f'{report["ece"]:.4f}' in top.get_title()
+    assert [p.get_height() for p in bottom.patches] == [b["count"] for b in report["reliability"]["bins"]]
 
 
 def _write_events(workdir, points, resumed=()):
