@@ -56,34 +56,44 @@ def confusion_figure(report: dict) -> Figure:
     return figure
 
 
+def _auc_text(auc: float) -> str:
+    return f"{auc:.6f}" if auc > 0.999 else f"{auc:.4f}"
+
+
 def roc_figure(report: dict) -> Figure:
-    """One-vs-rest ROC curve of each class whose AUC is defined."""
+    """One-vs-rest ROC curve of each class whose AUC is defined, with the top-left corner enlarged."""
     figure = Figure(figsize=(6, 5.5))
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
-    for name, curve in report["roc_curves"].items():
+    curves = report["roc_curves"]
+    for name, curve in curves.items():
         auc = report["per_class"][name]["auc"]
-        axes.plot(curve["fpr"], curve["tpr"], linewidth=1.5, label=f"{name} (AUC {auc:.4f})")
+        axes.plot(curve["fpr"], curve["tpr"], linewidth=1.5, label=f"{name} (AUC {_auc_text(auc)})")
     title = "One-vs-rest ROC"
     if report["macro_auc"] is not None:
-        title += f', macro AUC {report["macro_auc"]:.4f}'
+        title += f', macro AUC {_auc_text(report["macro_auc"])}'
         interval = report["bootstrap"]["macro_auc"]
         if interval is not None:
-            title += f' ({100 * report["bootstrap"]["level"]:.0f}% CI {interval[0]:.4f}-{interval[1]:.4f})'
+            level = 100 * report["bootstrap"]["level"]
+            title += f"\n({level:.0f}% CI {_auc_text(interval[0])}-{_auc_text(interval[1])})"
     axes.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title)
-    if report["roc_curves"] and report["macro_auc"] > 0.95:
-        # Good classifiers hug the top-left corner: repeat it enlarged.
-        inset = axes.inset_axes([0.38, 0.38, 0.45, 0.45])
-        for curve in report["roc_curves"].values():
-            inset.plot(curve["fpr"], curve["tpr"], linewidth=1.5)
-        inset.set(xlim=(0, 0.1), ylim=(0.9, 1.0), title="fpr <= 0.1, tpr >= 0.9")
-        inset.title.set_fontsize(8)
-        inset.tick_params(labelsize=7)
-        inset.grid(alpha=0.3)
     axes.set_xlabel("false positive rate (1 - specificity)")
     axes.set_ylabel("true positive rate (sensitivity)")
     axes.grid(alpha=0.3)
-    if report["roc_curves"]:
+    # The sensitivity each class reaches without a false positive sets the zoom of the corner.
+    at_zero = [max(t for f, t in zip(c["fpr"], c["tpr"]) if f == 0) for c in curves.values()]
+    if at_zero and min(at_zero) < 1 and report["macro_auc"] > 0.95:
+        side = float(np.clip(1.25 * (1 - min(at_zero)), 0.002, 0.1))
+        inset = axes.inset_axes([0.38, 0.38, 0.45, 0.45])
+        for curve in curves.values():
+            inset.plot(curve["fpr"], curve["tpr"], linewidth=1.5)
+        inset.set(
+            xlim=(0, side), ylim=(1 - side, 1 + side / 50), title=f"fpr <= {side:.3g}, tpr >= {1 - side:.3g}"
+        )
+        inset.title.set_fontsize(8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
+    if curves:
         axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
