@@ -22,6 +22,7 @@ from medjax import files
 from medjax import guard
 from medjax import input_pipeline
 from medjax import ops
+from medjax import plots
 from medjax import preemption
 from medjax import sharding
 from medjax import steps
@@ -331,7 +332,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
             report["num_examples"],
         )
         if jax.process_index() == 0:
-            files.write_json(os.path.join(workdir, "eval", f"{split}_step{int(state.step)}.json"), report)
+            prefix = os.path.join(workdir, "eval", f"{split}_step{int(state.step)}")
+            files.write_json(f"{prefix}.json", report)
+            plots.save_report_plots(report, prefix)
     writer.flush()
+    if jax.process_index() == 0:
+        plots.save_training_curves(workdir, os.path.join(workdir, "eval", "training_curves.png"))
     logging.info("Total wall time %.1fs.", time.time() - t0)
     return reports

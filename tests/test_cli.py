@@ -67,7 +67,8 @@ def trained(tmp_path_factory):
     checkpoints = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     reports = {}
     for name in os.listdir(workdir / "eval"):
-        reports[name] = json.load(open(workdir / "eval" / name))
+        if name.endswith(".json"):  # The rest are the reports' plots.
+            reports[name] = json.load(open(workdir / "eval" / name))
         os.remove(workdir / "eval" / name)
     return workdir, checkpoints, reports
 

@@ -46,6 +46,9 @@ def test_training_writes_checkpoints_reports_and_metadata(trained):
         assert REPORT_KEYS <= set(report)
         assert report["checkpoint_step"] == steps[-1]
         assert os.path.exists(os.path.join(workdir, "eval", f"{split}_step{steps[-1]}.json"))
+        for plot in ("confusion", "roc", "reliability"):
+            assert os.path.exists(os.path.join(workdir, "eval", f"{split}_step{steps[-1]}_{plot}.png")), plot
+    assert os.path.exists(os.path.join(workdir, "eval", "training_curves.png"))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["class_names"] == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
     assert saved["preprocessing"]["mean"] == config.data.mean
@@ -140,6 +143,11 @@ def test_evaluate_folder_cli_writes_the_same_fields(trained, tmp_path):
     assert report["per_class"]["CXR"]["support"] + report["per_class"]["Hand"]["support"] == expected
     assert report["auc_classes"] == ["CXR", "Hand"]
     assert os.path.exists(os.path.join(workdir, "eval", f'unseen_step{report["checkpoint_step"]}.json'))
+    for plot in ("confusion", "roc", "reliability"):
+        assert os.path.exists(tmp_path / f"report_{plot}.png"), plot
+        assert os.path.exists(
+            os.path.join(workdir, "eval", f'unseen_step{report["checkpoint_step"]}_{plot}.png')
+        )
 
 
 def test_evaluate_rejects_a_folder_with_unknown_classes(trained, tmp_path):
