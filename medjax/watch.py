@@ -85,6 +85,14 @@ def _write_json_atomically(path: epath.Path, payload: dict) -> None:
     partial.replace(path)
 
 
+def _write_best(path: epath.Path, split: str, evaluated: dict[int, dict], metric: str) -> None:
+    best = best_step(evaluated, metric)
+    if best is None:
+        found = sorted({key for entry in evaluated.values() for key in entry["scalars"]})
+        raise ValueError(f"No step has a numeric {metric!r}; the reports have {found}.")
+    _write_json_atomically(path, {"split": split, "step": best[0], "metric": metric, "value": best[1]})
+
+
 def _read_record(path: epath.Path) -> dict[int, dict]:
     if not path.exists():
         return {}
@@ -99,10 +107,11 @@ def watch(
     best_metric: str = "accuracy",
     poll_interval: float = 10.0,
     timeout: float | None = None,
-    report: Callable[[dict, list[str]], None] = write_report,
+    write: Callable[[dict, list[str]], None] = write_report,
 ) -> int:
     """Evaluates each committed checkpoint of `workdir` with `evaluate(step) -> report` until the final
-    one; returns the exit status (0, or EXIT_TIMEOUT after `timeout` seconds without a new checkpoint)."""
+    one, writing each report with `write(report, paths)`; returns the exit status (0, or EXIT_TIMEOUT
+    after `timeout` seconds without a new checkpoint)."""
     eval_dir = epath.Path(files.absolute(workdir)) / "eval"
     record_path = eval_dir / f"watch_{split}.json"
     best_path = eval_dir / ("best.json" if split == "validation" else f"best_{split}.json")
@@ -110,7 +119,8 @@ def watch(
     bad: dict[int, bool] = {}  # Step -> final? Retried if the step is rewritten (after being set aside).
     if evaluated:
         logging.info("Already evaluated on %s (%s): steps %s.", split, record_path, sorted(evaluated))
-    writer = _ScalarWriter(eval_dir)
+        _write_best(best_path, split, evaluated, best_metric)
+    tensorboard = _ScalarWriter(eval_dir)
     checkpoints = epath.Path(checkpointing.checkpoint_dir(workdir))
     manager, last_new = None, time.monotonic()
     try:
@@ -125,7 +135,7 @@ def watch(
             for step in steps:
                 if step in evaluated or step in bad:
                     continue
-                entry = _evaluate_one(manager, step, evaluate, split, eval_dir, writer, report)
+                entry = _evaluate_one(manager, step, evaluate, split, eval_dir, tensorboard, write)
                 last_new = time.monotonic()
                 if entry is None:
                     continue
@@ -134,13 +144,7 @@ def watch(
                     continue
                 evaluated[step] = entry
                 _write_json_atomically(record_path, {"split": split, "evaluated": evaluated})
-                best = best_step(evaluated, best_metric)
-                if best is None:
-                    raise ValueError(
-                        f"No numeric metric {best_metric!r} in the report; it has {entry['scalars']}"
-                    )
-                payload = {"split": split, "step": best[0], "metric": best_metric, "value": best[1]}
-                _write_json_atomically(best_path, payload)
+                _write_best(best_path, split, evaluated, best_metric)
             finals = {step: entry["final"] for step, entry in evaluated.items()} | bad
             if steps and finals.get(steps[-1]):
                 logging.info("Checkpoint %d is the final one; done.", steps[-1])
@@ -155,10 +159,10 @@ def watch(
                 return EXIT_TIMEOUT
             time.sleep(poll_interval)
     finally:
-        writer.close()
+        tensorboard.close()
 
 
-def _evaluate_one(manager, step, evaluate, split, eval_dir, writer, report) -> dict | None:
+def _evaluate_one(manager, step, evaluate, split, eval_dir, tensorboard, write) -> dict | None:
     """The record entry of `step`: {'final', 'scalars'}, {'final', 'error'} if the checkpoint is bad, or
     None if it was deleted before it could be read."""
     final = False
@@ -175,9 +179,9 @@ def _evaluate_one(manager, step, evaluate, split, eval_dir, writer, report) -> d
             logging.error("%s; skipped.", e)
             return {"final": final, "error": str(e)}
         raise
-    report(result, [str(eval_dir / f"{split}_step{step}.json")])
+    write(result, [str(eval_dir / f"{split}_step{step}.json")])
     values = scalars(result)
-    writer.write(step, {f"{split}/{key}": value for key, value in values.items()})
+    tensorboard.write(step, {f"{split}/{key}": value for key, value in values.items()})
     logging.info(
         "Evaluated checkpoint %d on %s: %s.",
         step,
