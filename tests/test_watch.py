@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -32,8 +33,9 @@ def _watcher(workdir, *flags):
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory):
-    """(workdir, checkpoint steps, training's final reports, watcher exit status, watcher log) of a quick
-    run (checkpoints every 2 steps, all kept) with a watcher started before it."""
+    """The workdir, checkpoint steps and final reports of a quick run (checkpoints every 2 steps, all kept),
+    the exit status and log of a watcher started before it, and those of a watcher started at the same
+    time on a workdir that never gets a checkpoint (idle_*)."""
     root = tmp_path_factory.mktemp("watch")
     workdir = root / "run"
     config = quick.get_config()
@@ -43,13 +45,24 @@ def watched(tmp_path_factory):
     config.train.checkpoint_every_steps = 2
     config.train.max_checkpoints_to_keep = 100
     watcher = _watcher(workdir, "--poll_interval=0.2", "--timeout=60")
+    idle = _watcher(root / "never", "--poll_interval=0.1", "--timeout=1")  # For the timeout test.
     try:
         reports = train.train_and_evaluate(config, str(workdir))
         _, log = watcher.communicate(timeout=300)
+        idle_log = idle.communicate(timeout=60)[1]
     finally:
         watcher.kill()
+        idle.kill()
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-    return workdir, steps, reports, watcher.returncode, log
+    return types.SimpleNamespace(
+        workdir=workdir,
+        steps=steps,
+        reports=reports,
+        status=watcher.returncode,
+        log=log,
+        idle_status=idle.returncode,
+        idle_log=idle_log,
+    )
 
 
 def _read(path):
@@ -57,8 +70,8 @@ def _read(path):
 
 
 def test_watcher_beside_training_evaluates_each_checkpoint_once_until_the_final(watched):
-    workdir, steps, reports, status, log = watched
-    assert status == 0, log[-4000:]
+    workdir, steps, log = watched.workdir, watched.steps, watched.log
+    assert watched.status == 0, log[-4000:]
     assert len(steps) >= 3, steps
     evaluated = _read(workdir / "eval" / "watch_validation.json")["evaluated"]
     assert sorted(map(int, evaluated)) == steps
@@ -69,11 +82,11 @@ def test_watcher_beside_training_evaluates_each_checkpoint_once_until_the_final(
     assert f"Checkpoint {steps[-1]} is the final one" in log
     # Training writes the same report file for its final step; the record holds the watcher's numbers.
     final = evaluated[str(steps[-1])]["scalars"]
-    assert final == {k: reports["validation"][k] for k in ("accuracy", "macro_auc")}
+    assert final == {k: watched.reports["validation"][k] for k in ("accuracy", "macro_auc")}
 
 
 def test_best_json_names_the_best_step(watched):
-    workdir, steps, _, _, _ = watched
+    workdir, steps = watched.workdir, watched.steps
     accuracies = [_read(workdir / "eval" / f"validation_step{step}.json")["accuracy"] for step in steps]
     best = int(np.argmax(accuracies))  # The first of equals.
     assert _read(workdir / "eval" / "best.json") == {
@@ -85,7 +98,7 @@ def test_best_json_names_the_best_step(watched):
 
 
 def test_tensorboard_scalars_per_step(watched):
-    workdir, steps, _, _, _ = watched
+    workdir, steps = watched.workdir, watched.steps
     found = {}
     for name in os.listdir(workdir / "eval"):
         if "tfevents" in name:
@@ -115,13 +128,13 @@ class StandIn:
 
 
 def _copy_checkpoints(watched, tmp_path):
-    workdir, steps, _, _, _ = watched
+    workdir, steps = watched.workdir, watched.steps
     shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
     return tmp_path, steps
 
 
 def test_restarted_watcher_evaluates_nothing_again(watched):
-    workdir = watched[0]
+    workdir = watched.workdir
     evaluate = StandIn({})
     assert watch.watch(str(workdir), evaluate, poll_interval=0.01, timeout=5) == 0
     assert evaluate.calls == []
@@ -187,9 +200,7 @@ def test_bad_checkpoint_is_logged_and_skipped_then_timeout(watched, tmp_path, ca
     assert sorted(map(int, evaluated)) == [s for s in steps[:-1] if s != bad]
 
 
-def test_watch_cli_times_out_without_checkpoints(tmp_path):
+def test_watch_cli_times_out_without_checkpoints(watched):
     """Started on a workdir that never gets a checkpoint, the job exits with EXIT_TIMEOUT."""
-    watcher = _watcher(tmp_path / "never", "--poll_interval=0.1", "--timeout=1")
-    _, log = watcher.communicate(timeout=60)
-    assert watcher.returncode == watch.EXIT_TIMEOUT, log[-4000:]
-    assert "No new checkpoint" in log
+    assert watched.idle_status == watch.EXIT_TIMEOUT, watched.idle_log[-4000:]
+    assert "No new checkpoint" in watched.idle_log
