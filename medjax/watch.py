@@ -117,6 +117,8 @@ def watch(
     best_path = eval_dir / ("best.json" if split == "validation" else f"best_{split}.json")
     evaluated = _read_record(record_path)
     bad: dict[int, bool] = {}  # Step -> final? Retried if the step is rewritten (after being set aside).
+    gone: set[int] = set()  # Deleted before they could be evaluated.
+    seen: set[int] = set()  # Only a step not seen before restarts the timeout.
     if evaluated:
         logging.info("Already evaluated on %s (%s): steps %s.", split, record_path, sorted(evaluated))
         _write_best(best_path, split, evaluated, best_metric)
@@ -133,11 +135,14 @@ def watch(
                 steps = sorted(manager.all_steps())
             bad = {step: final for step, final in bad.items() if step in steps}
             for step in steps:
-                if step in evaluated or step in bad:
+                if step in evaluated or step in bad or step in gone:
                     continue
                 entry = _evaluate_one(manager, step, evaluate, split, eval_dir, tensorboard, write)
-                last_new = time.monotonic()
+                if step not in seen:
+                    seen.add(step)
+                    last_new = time.monotonic()
                 if entry is None:
+                    gone.add(step)
                     continue
                 if "error" in entry:
                     bad[step] = entry["final"]
@@ -151,7 +156,7 @@ def watch(
                 return 0
             if timeout is not None and time.monotonic() - last_new > timeout:
                 logging.error(
-                    "No new checkpoint in %s for %.0fs; stopping (exit status %d).",
+                    "No new checkpoint in %s for %gs; stopping (exit status %d).",
                     checkpoints,
                     timeout,
                     EXIT_TIMEOUT,
