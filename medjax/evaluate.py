@@ -1,11 +1,13 @@
 """Evaluation job: restores a checkpoint read-only and scores a dataset split or a folder of images.
 
   python -m medjax.evaluate --workdir=W [--step=N] (--split=test | --folder=DIR) [--output=FILE]
+  python -m medjax.evaluate --workdir=W --watch [--split=validation]    # medjax/watch.py
 
 Everything needed (config, class names, preprocessing) is read from the checkpoint's metadata. The
 report is written to --output (if given) and to `W/eval/<split or folder name>_step<N>.json`.
 """
 
+import functools
 import json
 import os
 import sys
@@ -27,11 +29,18 @@ from medjax import sharding
 from medjax import steps
 from medjax import train
 from medjax import transfer
+from medjax import watch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split to evaluate, e.g. test.")
 _FOLDER = flags.DEFINE_string("folder", None, "Folder of class subfolders of images to evaluate.")
+_WATCH = flags.DEFINE_bool("watch", False, "Evaluate each new checkpoint until the final one.")
+_BEST_METRIC = flags.DEFINE_string("best_metric", "accuracy", "--watch: metric that picks the best step.")
+_POLL_INTERVAL = flags.DEFINE_float("poll_interval", 10.0, "--watch: seconds between looks.")
+_TIMEOUT = flags.DEFINE_float(
+    "timeout", None, "--watch: exit after this many seconds with no new checkpoint."
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON report.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Override the dataset manual dir stored in the config.")
 _TFDS_DIR = flags.DEFINE_string("tfds_dir", None, "Override the TFDS data dir stored in the config.")
@@ -133,6 +142,22 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     train.quiet_library_logs()
     tf.config.set_visible_devices([], "GPU")
+    if _WATCH.value:
+        if _FOLDER.value or _STEP.value is not None or _OUTPUT.value:
+            raise app.UsageError("--watch takes --split, not --folder, --step or --output.")
+        split = _SPLIT.value or "validation"
+        options = dict(manual_dir=_MANUAL_DIR.value, tfds_dir=_TFDS_DIR.value, batch_size=_BATCH_SIZE.value)
+        evaluate = functools.partial(evaluate_checkpoint, _WORKDIR.value, split=split, **options)
+        sys.exit(
+            watch.watch(
+                _WORKDIR.value,
+                lambda step: evaluate(step=step),
+                split=split,
+                best_metric=_BEST_METRIC.value,
+                poll_interval=_POLL_INTERVAL.value,
+                timeout=_TIMEOUT.value,
+            )
+        )
     try:
         report = evaluate_checkpoint(
             _WORKDIR.value,
