@@ -24,7 +24,6 @@ from medjax import datasets
 from medjax import evaluation
 from medjax import files
 from medjax import ops
-from medjax import plots
 from medjax import sharding
 from medjax import steps
 from medjax import train
@@ -130,13 +129,6 @@ def _evaluate_step(manager, workdir, step, *, split, folder, manual_dir, tfds_di
     return report | source | {"checkpoint_step": step, "workdir": files.absolute(workdir)}
 
 
-def _write_report(report: dict, paths: list[str]) -> None:
-    """Writes `report` as JSON to each path, and its plots next to it (`plots.save_report_plots`)."""
-    for path in paths:
-        files.write_json(path, report)
-        plots.save_report_plots(report, os.path.splitext(path)[0])
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -174,7 +166,7 @@ def main(argv):
     paths = [os.path.join(_WORKDIR.value, "eval", f'{name}_step{report["checkpoint_step"]}.json')]
     if _OUTPUT.value:
         paths.append(_OUTPUT.value)
-    _write_report(report, paths)
+    watch.write_report(report, paths)
     logging.info(
         "accuracy=%.5f macro_auc=%s on %d examples; report: %s",
         report["accuracy"],

@@ -21,6 +21,7 @@ checkpoint appeared for `timeout` seconds (training died, hangs or was preempted
 
 import json
 import math
+import os
 import time
 from typing import Callable
 
@@ -30,15 +31,17 @@ from etils import epath
 
 from medjax import checkpointing
 from medjax import files
+from medjax import plots
 
 EXIT_TIMEOUT = 124  # As coreutils' `timeout`.
 NOT_SCALARS = ("checkpoint_step", "num_examples")
 
 
 def write_report(report: dict, paths: list[str]) -> None:
-    """Writes a report to each of `paths`."""
+    """Writes `report` as JSON to each path, and its plots next to it (`plots.save_report_plots`)."""
     for path in paths:
         files.write_json(path, report)
+        plots.save_report_plots(report, os.path.splitext(path)[0])
 
 
 def scalars(report: dict) -> dict[str, float]:
