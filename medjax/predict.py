@@ -36,13 +36,6 @@ from medjax import steps
 from medjax import train
 from medjax import transfer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
-_OUTPUT = flags.DEFINE_string("output", None, "Report file, .json or .csv (default: JSON on stdout).")
-_EXPLAIN = flags.DEFINE_string("explain", None, "Folder for Grad-CAM and occlusion overlay PNGs per file.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default: config.eval.batch_size).")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.MAX_PIXELS, "Refuse images with more pixels.")
-
 EXIT_FILE_ERRORS = 3
 
 
@@ -222,25 +215,37 @@ def run(
     return EXIT_FILE_ERRORS if report["num_failed"] else 0
 
 
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a program: medjax.evaluate has flags of the same
+    names, and both modules are imported together in tests)."""
+    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: latest).")
+    flags.DEFINE_string("output", None, "Report file, .json or .csv (default: JSON on stdout).")
+    flags.DEFINE_string("explain", None, "Folder for Grad-CAM and occlusion overlay PNGs per file.")
+    flags.DEFINE_integer("batch_size", None, "Global batch size (default: config.eval.batch_size).")
+    flags.DEFINE_integer("max_pixels", images.MAX_PIXELS, "Refuse images with more pixels.")
+
+
 def main(argv):
+    FLAGS = flags.FLAGS
     paths = argv[1:]
     if not paths:
         raise app.UsageError("Give at least one image file or folder.")
-    if _OUTPUT.value and os.path.splitext(_OUTPUT.value)[1].lower() not in (".json", ".csv"):
-        raise app.UsageError(f"--output={_OUTPUT.value} must end in .json or .csv.")
+    if FLAGS.output and os.path.splitext(FLAGS.output)[1].lower() not in (".json", ".csv"):
+        raise app.UsageError(f"--output={FLAGS.output} must end in .json or .csv.")
     if not images.find_files(paths)[0]:
         sys.exit(f"No PNG, JPEG or DICOM files in {paths}.")
     train.quiet_library_logs()
     tf.config.set_visible_devices([], "GPU")
     try:
         status = run(
-            _WORKDIR.value,
+            FLAGS.workdir,
             paths,
-            step=_STEP.value,
-            output=_OUTPUT.value,
-            explain_dir=_EXPLAIN.value,
-            batch_size=_BATCH_SIZE.value,
-            max_pixels=_MAX_PIXELS.value,
+            step=FLAGS.step,
+            output=FLAGS.output,
+            explain_dir=FLAGS.explain,
+            batch_size=FLAGS.batch_size,
+            max_pixels=FLAGS.max_pixels,
         )
     except (checkpointing.BadCheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(str(e))  # One line on stderr, exit status 1.
@@ -248,4 +253,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
