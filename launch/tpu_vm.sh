@@ -5,6 +5,7 @@
 #   launch/tpu_vm.sh setup  TPU_NAME ZONE            copy this checkout to all workers and install it
 #   launch/tpu_vm.sh train  TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]
 #   launch/tpu_vm.sh eval   TPU_NAME ZONE WORKDIR [--split=test ...]
+#   launch/tpu_vm.sh watch  TPU_NAME ZONE WORKDIR [--timeout=3600 ...]   continuous evaluation beside `train`
 #   launch/tpu_vm.sh delete TPU_NAME ZONE
 #
 # WORKDIR and config.data.tfds_dir should be gs:// paths that every worker can read. Process 0 prepares
@@ -23,7 +24,7 @@ runtime_version() {
   esac
 }
 
-usage() { sed -n '2,15p' "$0" >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" >&2; exit 2; }
 [ $# -ge 3 ] || usage
 action=$1 tpu=$2 zone=$3
 shift 3
@@ -66,6 +67,15 @@ case "$action" in
     # Evaluation restores on one host; the result is exact and includes every example.
     run gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=0 \
       --command="cd $remote_dir && .venv/bin/python -m medjax.evaluate --workdir=$workdir$extra"
+    ;;
+  watch)
+    [ $# -ge 1 ] || usage
+    workdir=$1
+    shift
+    extra=$(printf ' %q' "$@")
+    # Scores each new checkpoint once, on worker 0 while the slice trains; exits after the final one.
+    run gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=0 \
+      --command="cd $remote_dir && nohup .venv/bin/python -m medjax.evaluate --workdir=$workdir --watch$extra"
     ;;
   delete)
     [ $# -eq 0 ] || usage

@@ -57,6 +57,12 @@ def test_tpu_eval_runs_on_one_worker():
     assert "--worker=0" in out and "medjax.evaluate\\ --workdir=gs://b/w\\ --split=test" in out
 
 
+def test_tpu_watch_evaluates_continuously_on_one_worker():
+    code, out = _dry_run("tpu_vm.sh", "watch", "my-tpu", "z", "gs://b/w", "--timeout=60")
+    assert code == 0
+    assert "--worker=0" in out and "medjax.evaluate\\ --workdir=gs://b/w\\ --watch\\ --timeout=60" in out
+
+
 def test_gpu_host_runs_one_process_without_distributed_init():
     code, out = _dry_run(
         "gpu_host.sh", "train", "configs/resnet18.py", "workdirs/r18", "--config.model.dtype=bfloat16"
