@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from configs import quick
-from medjax import checkpointing, train, watch
+from medjax import checkpointing, files, train, watch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_ROOT = os.path.join(REPO, "tests", "fixtures")  # Holds medical_mnist/<Class>/*.jpeg.
@@ -82,7 +82,7 @@ def test_watcher_beside_training_evaluates_each_checkpoint_once_until_the_final(
     assert f"Checkpoint {steps[-1]} is the final one" in log
     # Training writes the same report file for its final step; the record holds the watcher's numbers.
     final = evaluated[str(steps[-1])]["scalars"]
-    assert final == {k: watched.reports["validation"][k] for k in ("accuracy", "macro_auc")}
+    assert final == watch.scalars(watched.reports["validation"])
 
 
 def test_best_json_names_the_best_step(watched):
@@ -105,7 +105,9 @@ def test_tensorboard_scalars_per_step(watched):
             for event in tf.compat.v1.train.summary_iterator(str(workdir / "eval" / name)):
                 for value in event.summary.value:
                     found.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-    assert set(found) == {"validation/accuracy", "validation/macro_auc"}, found
+    expected = watch.scalars(_read(workdir / "eval" / f"validation_step{steps[-1]}.json"))
+    assert set(found) == {f"validation/{name}" for name in expected}, found
+    assert {"validation/accuracy", "validation/macro_auc"} <= set(found)
     for step in steps:
         report = _read(workdir / "eval" / f"validation_step{step}.json")
         assert found["validation/accuracy"][step] == pytest.approx(report["accuracy"])
@@ -127,6 +129,12 @@ class StandIn:
         return {"accuracy": accuracy, "macro_auc": auc, "num_examples": 10, "checkpoint_step": step}
 
 
+def _json_only(report, paths):
+    """The stand-in reports carry no per-class data to plot."""
+    for path in paths:
+        files.write_json(path, report)
+
+
 def _copy_checkpoints(watched, tmp_path):
     workdir, steps = watched.workdir, watched.steps
     shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
@@ -136,7 +144,7 @@ def _copy_checkpoints(watched, tmp_path):
 def test_restarted_watcher_evaluates_nothing_again(watched):
     workdir = watched.workdir
     evaluate = StandIn({})
-    assert watch.watch(str(workdir), evaluate, poll_interval=0.01, timeout=5) == 0
+    assert watch.watch(str(workdir), evaluate, write=_json_only, poll_interval=0.01, timeout=5) == 0
     assert evaluate.calls == []
 
 
@@ -144,7 +152,7 @@ def test_best_ties_go_to_the_earlier_step_for_any_metric(watched, tmp_path):
     workdir, steps = _copy_checkpoints(watched, tmp_path)
     first, middle, last = steps[0], steps[1], steps[-1]
     values = {step: (0.5, 0.5) for step in steps} | {middle: (0.8, 0.7), last: (0.8, 0.9)}
-    assert watch.watch(str(workdir), StandIn(values), poll_interval=0.01, timeout=5) == 0
+    assert watch.watch(str(workdir), StandIn(values), write=_json_only, poll_interval=0.01, timeout=5) == 0
     assert _read(workdir / "eval" / "best.json") == {
         "split": "validation",
         "step": middle,
@@ -153,7 +161,12 @@ def test_best_ties_go_to_the_earlier_step_for_any_metric(watched, tmp_path):
     }
     # A restart with another metric re-picks from the record, evaluating nothing.
     evaluate = StandIn({})
-    assert watch.watch(str(workdir), evaluate, best_metric="macro_auc", poll_interval=0.01, timeout=5) == 0
+    assert (
+        watch.watch(
+            str(workdir), evaluate, write=_json_only, best_metric="macro_auc", poll_interval=0.01, timeout=5
+        )
+        == 0
+    )
     assert evaluate.calls == [] and first != last
     assert _read(workdir / "eval" / "best.json")["step"] == last
 
@@ -171,7 +184,7 @@ def test_deleted_and_half_written_checkpoints_are_skipped(watched, tmp_path, cap
 
     evaluate = StandIn({step: (0.5, 0.5) for step in steps}, before={first: delete})
     with caplog.at_level(logging.INFO):
-        assert watch.watch(str(workdir), evaluate, poll_interval=0.01, timeout=5) == 0
+        assert watch.watch(str(workdir), evaluate, write=_json_only, poll_interval=0.01, timeout=5) == 0
     assert evaluate.calls == [s for s in steps if s != deleted]
     assert f"Checkpoint {deleted} was deleted (max_to_keep) before it was evaluated" in caplog.text
     evaluated = _read(workdir / "eval" / "watch_validation.json")["evaluated"]
@@ -191,7 +204,7 @@ def test_bad_checkpoint_is_logged_and_skipped_then_timeout(watched, tmp_path, ca
 
     evaluate = StandIn({step: (0.5, 0.5) for step in steps}, before={bad: damaged})
     with caplog.at_level(logging.INFO):
-        status = watch.watch(str(workdir), evaluate, poll_interval=0.02, timeout=0.5)
+        status = watch.watch(str(workdir), evaluate, write=_json_only, poll_interval=0.02, timeout=0.5)
     assert status == watch.EXIT_TIMEOUT
     assert evaluate.calls == steps[:-1]
     assert f"Bad checkpoint {workdir}/checkpoints/{bad}: checksum mismatch; skipped" in caplog.text
