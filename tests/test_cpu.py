@@ -14,6 +14,7 @@ import pytest
 
 from medjax import cpu, ops
 from medjax.cpu import block, native
+from medjax.models import paper_cnn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,27 +62,8 @@ def test_conv_equals_flax_conv(x_shape, kwargs, patches):
 
 
 def _reference_block(features):
-    """The paper CNN's block as CONTRACT.md writes it, in plain flax."""
-
-    class ConvBlock(nn.Module):
-        features: int
-        bn_momentum: float = 0.9
-        bn_epsilon: float = 1e-5
-        dtype: object = jnp.float32
-
-        @nn.compact
-        def __call__(self, x, *, train):
-            x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype, name="conv")(x)
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name="bn",
-            )(x)
-            return nn.max_pool(nn.relu(x), (2, 2), (2, 2))
-
-    return ConvBlock(features)
+    """The paper CNN's own plain-flax block, which the CPU block must reproduce."""
+    return paper_cnn.ConvBlock(features)
 
 
 @pytest.mark.parametrize(
