@@ -216,12 +216,12 @@ def test_guard_reports_the_first_non_finite_step():
 
 
 def _damage(workdir_path, step, how):
-    if how == "overwritten":
-        target = _array_files(workdir_path, step)[0]  # Holds params and optimizer state.
-        with open(target, "r+b") as f:
-            for i in range(1, 10):
-                f.seek(os.path.getsize(target) * i // 10)
-                f.write(b"\x7f" * 64)
+    if how == "overwritten":  # Every array file, so that the parameters' bytes are hit wherever they lie.
+        for target in _array_files(workdir_path, step):
+            with open(target, "r+b") as f:
+                for i in range(1, 10):
+                    f.seek(os.path.getsize(target) * i // 10)
+                    f.write(b"\x7f" * 64)
     elif how == "rewritten":  # Valid array files holding other values: only the checksums can tell.
         state_dir = os.path.join(workdir_path, "checkpoints", str(step), "state")
         checkpointer = ocp.StandardCheckpointer()
@@ -232,8 +232,8 @@ def _damage(workdir_path, step, how):
         shutil.rmtree(state_dir)
         os.rename(state_dir + ".new", state_dir)
     elif how == "truncated":
-        target = _array_files(workdir_path, step)[0]
-        os.truncate(target, os.path.getsize(target) // 3)
+        for target in _array_files(workdir_path, step):
+            os.truncate(target, os.path.getsize(target) // 3)
     else:  # Missing array files.
         for target in _array_files(workdir_path, step):
             os.remove(target)
