@@ -30,6 +30,7 @@ def _config(tfds_dir):
     config.train.checkpoint_every_steps = 2
     config.train.bn_calibration_batches = 2
     config.eval.batch_size = 4  # 6 examples: one full batch and one padded half batch.
+    config.train.label_smoothing = 0.1  # Not the default, so that the loop must pass it on.
     return config
 
 
@@ -40,11 +41,20 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tfds_dir, tmp_path_factory):
-    """A finished run: (config, workdir, reports)."""
+    """A finished run: (config, workdir, reports, keyword arguments of every traced train step)."""
     config = _config(tfds_dir)
     workdir = str(tmp_path_factory.mktemp("train") / "run")
-    reports = train.train_and_evaluate(config, workdir)
-    return config, workdir, reports
+    traced_steps = []
+
+    def recording_train_step(*args, **kwargs):
+        traced_steps.append(kwargs)
+        return original_train_step(*args, **kwargs)
+
+    original_train_step = steps.train_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(steps, "train_step", recording_train_step)
+        reports = train.train_and_evaluate(config, workdir)
+    return config, workdir, reports, traced_steps
 
 
 def _abstract(config, num_classes=6):
@@ -87,8 +97,13 @@ def _max_abs_diff(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in zip(_leaves(a), _leaves(b), strict=True))
 
 
+def test_the_step_gets_the_config_s_label_smoothing(run):
+    config, _, _, traced_steps = run
+    assert traced_steps and all(k["label_smoothing"] == config.train.label_smoothing for k in traced_steps)
+
+
 def test_run_saves_every_other_step_and_reports_the_final_one(run):
-    _, workdir, reports = run
+    _, workdir, reports, _ = run
     assert _saved_steps(workdir) == [2, 4]
     assert {r["checkpoint_step"] for r in reports.values()} == {4}
     assert {r["num_examples"] for r in reports.values()} == {6}
@@ -108,7 +123,7 @@ def _clean_training_set_statistics(config, state):
 def test_final_batch_norm_statistics_are_those_of_the_clean_training_set(run):
     """Calibration replaces the running averages (gathered on augmented batches) by the statistics of
     clean training batches; here every calibration batch is the whole clean training split."""
-    config, workdir, _ = run
+    config, workdir, _, _ = run
     state = _restore(config, workdir, 4)
     expected = _clean_training_set_statistics(config, state)
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(state.batch_stats)
@@ -118,7 +133,7 @@ def test_final_batch_norm_statistics_are_those_of_the_clean_training_set(run):
 
 def test_intermediate_checkpoints_keep_the_running_averages(run):
     """An exact resume needs the running averages, so checkpoints before the last are not calibrated."""
-    config, workdir, _ = run
+    config, workdir, _, _ = run
     state = _restore(config, workdir, 2)
     assert _max_abs_diff(state.batch_stats, _clean_training_set_statistics(config, state)) > 1e-2
 
@@ -126,7 +141,7 @@ def test_intermediate_checkpoints_keep_the_running_averages(run):
 def test_final_reports_are_the_final_checkpoint_s_predictions(run):
     """The reports of the run are computed with the final (calibrated) variables on every validation and
     test example once, whatever the evaluation batch size."""
-    config, workdir, reports = run
+    config, workdir, reports, _ = run
     state = _restore(config, workdir, 4)
     data, _ = train.load_data(config)
     model = models.create_model(config.model, 6)
@@ -148,7 +163,7 @@ def test_resume_starts_from_the_checkpoint_s_state(run, tmp_path):
     running averages raised by 10: the resumed run trains steps 3-4 from them, so its final weights stay
     within two optimizer steps of them (AdamW moves a weight by at most a few learning rates a step), far
     from the original run's, and its running averages keep most of the raise."""
-    config, workdir, _ = run
+    config, workdir, _, _ = run
     checkpoint = _restore(config, workdir, 2)
     model = models.create_model(config.model, 6)
     other = jax.jit(
