@@ -12,6 +12,10 @@ def absolute(path: str) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
+    """Writes `payload` to `path` whole or not at all: a reader (the checkpoint watcher, an evaluation
+    job) never sees a half-written file."""
     target = epath.Path(absolute(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=2))
+    partial = target.parent / f"{target.name}.partial"
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.replace(target)

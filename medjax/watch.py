@@ -82,18 +82,12 @@ class _ScalarWriter:
             self.writer.close()
 
 
-def _write_json_atomically(path: epath.Path, payload: dict) -> None:
-    partial = path.parent / f"{path.name}.partial"
-    files.write_json(str(partial), payload)
-    partial.replace(path)
-
-
 def _write_best(path: epath.Path, split: str, evaluated: dict[int, dict], metric: str) -> None:
     best = best_step(evaluated, metric)
     if best is None:
         found = sorted({key for entry in evaluated.values() for key in entry["scalars"]})
         raise ValueError(f"No step has a numeric {metric!r}; the reports have {found}.")
-    _write_json_atomically(path, {"split": split, "step": best[0], "metric": metric, "value": best[1]})
+    files.write_json(str(path), {"split": split, "step": best[0], "metric": metric, "value": best[1]})
 
 
 def _read_record(path: epath.Path) -> dict[int, dict]:
@@ -151,7 +145,7 @@ def watch(
                     bad[step] = entry["final"]
                     continue
                 evaluated[step] = entry
-                _write_json_atomically(record_path, {"split": split, "evaluated": evaluated})
+                files.write_json(str(record_path), {"split": split, "evaluated": evaluated})
                 _write_best(best_path, split, evaluated, best_metric)
             finals = {step: entry["final"] for step, entry in evaluated.items()} | bad
             if steps and finals.get(steps[-1]):

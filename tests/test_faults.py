@@ -18,7 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import quick
-from medjax import checkpointing, checks, datasets, evaluate, guard, preemption, train, workdir
+from etils import epath
+
+from medjax import checkpointing, checks, datasets, evaluate, files, guard, preemption, train, workdir
 from tests import multiprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +168,21 @@ def test_training_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path):
 
 
 # Manual dir.
+
+
+def test_a_json_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "eval" / "best.json"
+    files.write_json(str(path), {"step": 1})
+    write_text = epath.Path.write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(epath.Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.write_json(str(path), {"step": 2, "metric": "accuracy"})
+    assert json.loads(path.read_text()) == {"step": 1}
 
 
 def test_empty_or_wrong_manual_dir_is_an_error_naming_it(tmp_path):
