@@ -205,7 +205,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stopper
         logging.info("Resumed from %s at step %d.", manager.directory, start_step)
     else:
         state = transfer.init_from(config, state, tx, input_shape, replicated)
-        files.write_json(os.path.join(workdir, "config.json"), metadata)
+        if jax.process_index() == 0:
+            files.write_json(os.path.join(workdir, "config.json"), metadata)
 
     compiler_options = chosen_ops.compiler_options(config.model.name)
     train_step = jax.jit(
