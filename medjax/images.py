@@ -2,10 +2,12 @@
 
 `read_image(path)` returns the pixels (C is 1 or 3) and notes of what was done to them; anything that
 cannot be read raises ImageError with one line saying what is wrong. `fit` resizes and converts pixels to
-a checkpoint's stored image shape. The rules (see docs/predict.md):
+a checkpoint's stored image shape. The rules (see docs/predict.md), the same
+for prediction and for the image-folder datasets that models are trained on:
 
 * PNG / JPEG (Pillow): 8-bit gray and RGB as they are; alpha dropped; palette and other colour modes
-  converted to RGB; 16-bit gray scaled by its full range (round(x * 255 / 65535)).
+  converted to RGB; 16-bit gray scaled by its full range (round(x * 255 / 65535)); an EXIF orientation
+  applied (the image as a viewer shows it).
 * DICOM (pydicom): single-frame only. Monochrome images go through the Modality LUT (rescale slope and
   intercept, or the Modality LUT Sequence), then the VOI LUT Sequence (its output range scaled to 0..255)
   or else the first window center/width (DICOM's LINEAR, LINEAR_EXACT or SIGMOID function, with 0..255 as
@@ -16,14 +18,16 @@ a checkpoint's stored image shape. The rules (see docs/predict.md):
 """
 
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_PIXELS = 8192 * 8192
+ORIENTATION = 0x0112  # The EXIF orientation tag.
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 EXTENSIONS = PIL_EXTENSIONS + DICOM_EXTENSIONS
@@ -61,20 +65,24 @@ def find_files(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     return inputs, skipped
 
 
-def is_dicom(path: str) -> bool:
-    """Whether `path` has the DICOM preamble ('DICM' at byte 128) or a DICOM extension."""
-    with open(path, "rb") as f:
-        header = f.read(132)
-    return header[128:132] == b"DICM" or os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS
+def is_dicom(path: str, data: bytes | None = None) -> bool:
+    """Whether the file (`data`, else read from `path`) has the DICOM preamble ('DICM' at byte 128) or
+    `path` has a DICOM extension."""
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read(132)
+    return data[128:132] == b"DICM" or os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS
 
 
-def read_image(path: str, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """The pixels of a PNG, JPEG or DICOM file (see the module docstring); ImageError if unreadable."""
+def read_image(path: str, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> Decoded:
+    """The pixels of a PNG, JPEG or DICOM file (see the module docstring); ImageError if unreadable.
+    `data`: the file's bytes, when the caller has read them already (`path` then only names the file)."""
     try:
-        dicom = is_dicom(path)
+        dicom = is_dicom(path, data)
     except OSError as e:
         raise ImageError(f"cannot read the file: {e.strerror or e}") from e
-    return _read_dicom(path, max_pixels) if dicom else _read_pil(path, max_pixels)
+    source = path if data is None else io.BytesIO(data)
+    return _read_dicom(source, max_pixels) if dicom else _read_pil(source, max_pixels)
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:
@@ -94,7 +102,7 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values), 0, 255).astype(np.uint8)
 
 
-def _read_pil(path: str, max_pixels: int) -> Decoded:
+def _read_pil(path, max_pixels: int) -> Decoded:
     notes = []
     try:
         with warnings.catch_warnings():
@@ -104,6 +112,9 @@ def _read_pil(path: str, max_pixels: int) -> Decoded:
                 if getattr(image, "n_frames", 1) > 1:
                     notes.append(f"first of {image.n_frames} frames")
                 image.load()
+                if image.getexif().get(ORIENTATION, 1) != 1:
+                    notes.append(f"EXIF orientation {image.getexif()[ORIENTATION]} applied")
+                    image = ImageOps.exif_transpose(image)
                 mode = image.mode
                 if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
                     notes.append("16-bit gray scaled to 8 bits (x * 255 / 65535)")
@@ -154,7 +165,7 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
 
 
-def _read_dicom(path: str, max_pixels: int) -> Decoded:
+def _read_dicom(path, max_pixels: int) -> Decoded:
     import pydicom
     from pydicom import pixels as dicom_pixels
 

@@ -166,6 +166,19 @@ def test_read_image_applies_the_format_rules(mixed):
     assert "rescale slope 2.0 intercept -1000.0" in notes
 
 
+def test_exif_orientation_is_applied_and_bytes_read_like_the_file(tmp_path):
+    pixels = (np.arange(4 * 6).reshape(4, 6) * 10).astype(np.uint8)  # 4 rows, 6 columns.
+    exif = Image.Exif()
+    exif[images.ORIENTATION] = 6  # Shown rotated 90 degrees clockwise.
+    path = tmp_path / "rotated.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    decoded = images.read_image(str(path))
+    np.testing.assert_array_equal(decoded.pixels[:, :, 0], np.rot90(pixels, k=-1))
+    assert "EXIF orientation 6 applied" in decoded.notes
+    from_bytes = images.read_image("rotated.png", data=path.read_bytes())
+    np.testing.assert_array_equal(from_bytes.pixels, decoded.pixels)
+
+
 def test_predictions_for_good_files_equal_evaluation_on_the_same_pixels(workdir, mixed, report):
     folder, expected = mixed
     rows = _by_name(report)

@@ -1,8 +1,9 @@
 """A user's folder of class subfolders (PNG, JPEG or DICOM images of any size) as a TFDS dataset.
 
-Class names are the sorted subfolder names. Images are resized to size x size (PIL bilinear, which
-averages over the source pixels when shrinking; the aspect ratio is not kept) and converted to 1
-(PIL's ITU-R 601-2 luma) or 3 channels (gray repeated). Exact duplicates are collapsed and splits are
+Class names are the sorted subfolder names. Images are read by `medjax.images` (the reader of
+medjax.predict: PNG, JPEG and DICOM rules in docs/predict.md), resized to size x size (bilinear,
+averaging over the source pixels when shrinking; the aspect ratio is not kept) and converted to 1 (mean of
+R, G and B) or 3 channels (gray repeated). Exact duplicates are collapsed and splits are
 assigned by content hash as for Medical MNIST (medjax/datasets/folders.py).
 
 Each (folder, size, channels) and each state of the folder's listing (file names, sizes, modification
@@ -13,75 +14,28 @@ share prepared data and a changed folder is prepared again.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image, ImageOps
 
+from medjax import images
 from medjax.datasets import folders
 from medjax.datasets import registry
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-DICOM_EXTENSIONS = (".dcm", ".dicom")
-
-
-def _dicom_to_uint8(data: bytes) -> np.ndarray:
-    """A single-frame DICOM image as uint8 [H, W] or [H, W, 3].
-
-    Grayscale: modality rescale (slope, intercept), then the first VOI window (linear, as DICOM
-    defines it) or, without one, the image's own min..max, to 0..255; MONOCHROME1 is inverted.
-    """
-    import pydicom
-
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ValueError(f"multi-frame DICOM ({frames} frames) is not supported; save one frame per file")
-    pixels = ds.pixel_array
-    if int(ds.get("SamplesPerPixel", 1)) == 3:
-        if pixels.dtype != np.uint8:
-            raise ValueError(f"colour DICOM with {pixels.dtype} samples is not supported")
-        return pixels
-    x = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(
-        ds.get("RescaleIntercept", 0) or 0
-    )
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
-        center, width = first(center), max(first(width), 1.0)
-        y = np.clip((x - (center - 0.5)) / max(width - 1, 1e-6) + 0.5, 0.0, 1.0)
-    else:
-        low, high = x.min(), x.max()
-        y = (x - low) / (high - low) if high > low else np.zeros_like(x)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        y = 1.0 - y
-    return np.round(y * 255.0).astype(np.uint8)
+EXTENSIONS = images.EXTENSIONS
 
 
 def decode(data: bytes, name: str, size: int, channels: int) -> np.ndarray:
-    """Decodes a PNG, JPEG or DICOM file to uint8 [size, size, channels].
-
-    Raises ValueError naming the file (`name`) if it cannot be decoded.
-    """
+    """A PNG, JPEG or DICOM file's bytes as uint8 [size, size, channels], read and fitted exactly as
+    medjax.predict reads files (`images.read_image`, `images.fit`), so that a model sees the same pixels
+    in training and in prediction. Raises ValueError naming the file (`name`) if it cannot be decoded."""
     try:
-        if os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM":
-            image = Image.fromarray(_dicom_to_uint8(data))
-        else:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: full range to 0..255.
-                image = Image.fromarray(
-                    (np.asarray(image).astype(np.float64) / 257.0).round().astype(np.uint8)
-                )
-        image = image.convert("L" if channels == 1 else "RGB")
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    except Exception as e:  # PIL and pydicom raise many exception types on bad data.
+        pixels = images.read_image(name, data=data).pixels
+        return images.fit(pixels, (size, size, channels))[0]
+    except images.ImageError as e:
         raise ValueError(f"Cannot decode image {name!r}: {e}") from e
-    return np.asarray(image, np.uint8).reshape(size, size, channels)
 
 
 def read_class_folder(
@@ -95,12 +49,12 @@ def read_class_folder(
     root = os.fspath(root)
     items = folders.scan(root, tuple(class_names), require_all=False, extensions=EXTENSIONS)
     examples = folders.hash_files(root, items)
-    images = np.empty((len(items), size, size, channels), np.uint8)
+    pixels = np.empty((len(items), size, size, channels), np.uint8)
     for i, (file_name, _) in enumerate(items):
         path = os.path.join(root, file_name)
         with open(path, "rb") as f:
-            images[i] = decode(f.read(), path, size, channels)
-    return {"image": images, **examples}
+            pixels[i] = decode(f.read(), path, size, channels)
+    return {"image": pixels, **examples}
 
 
 def _listing(root: str, class_names) -> list[tuple[str, int, int]]:
@@ -153,8 +107,11 @@ class ImageFolder(folders.HashSplitBuilder, skip_registration=True):
     """A folder of class subfolders, resized, de-duplicated, with content-hash splits."""
 
     name = "image_folder"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Images read by medjax.images, as medjax.predict reads them.",
+    }
     # See medical_mnist.MedicalMnist.code_path (TFDS 4.9.10 cannot compute it on Python >= 3.9).
     code_path = epath.Path(__file__)
     # registry.prepare_config passes these config.data fields to __init__.
