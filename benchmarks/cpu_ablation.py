@@ -45,7 +45,8 @@ def piece_lines() -> dict:
 
     return {
         "compiler_options": lines(cpu.compiler_options, cpu._has_avx512),
-        "malloc": lines(cpu._tune_malloc),
+        "malloc": lines(cpu.tune_process),
+        "huge_pages": lines(cpu._huge_page_heap),
         "small_patches": lines(conv._patches_conv),
         "max_pool": lines(
             pool._forward, pool._backward, pool.max_pool, pool._max_pool_fwd, pool._max_pool_bwd
@@ -124,7 +125,7 @@ def serve(model: str, variant: str) -> None:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     # The program's identity: its optimized HLO, plus the process settings that the HLO does not show.
-    text = compiled.as_text() + (process if variant == "malloc" else "")
+    text = compiled.as_text() + (process if variant in ("malloc", "huge_pages") else "")
     holder = [state]
 
     def run(n):

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.cpu = ml_collections.ConfigDict()
     config.cpu.compiler_options = True  # Per-model XLA:CPU compile options.
     config.cpu.malloc = True  # glibc keeps freed memory for the next step.
+    config.cpu.huge_pages = True  # With malloc: that memory in transparent huge pages.
     config.cpu.small_patches = True  # Patch matmuls where the input or output is smaller than the kernel.
     config.cpu.max_pool = True  # Max pool with a fused gradient (ResNet's stem).
     config.cpu.pool_first = True  # Paper CNN blocks pool before normalising.

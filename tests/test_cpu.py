@@ -158,6 +158,35 @@ def test_ops_choice():
         ops.resolve(config)
 
 
+_HEAP_AFTER_TUNING = """
+import sys
+from medjax import cpu
+print(cpu.tune_process(cpu.Options(huge_pages=sys.argv[1] == "on")))
+with open("/proc/self/smaps") as f:
+    blocks = f.read().split("\\n")
+heap = [i for i, line in enumerate(blocks) if line.rstrip().endswith("[heap]")]
+print("heap THPeligible:", [next(l.split()[1] for l in blocks[i:] if l.startswith("THPeligible")) for i in heap])
+"""
+
+
+@pytest.mark.parametrize("huge_pages", ["on", "off"])
+def test_tune_process_backs_the_heap_with_huge_pages_where_the_kernel_gives_them_on_request(huge_pages):
+    run = subprocess.run(
+        [sys.executable, "-c", _HEAP_AFTER_TUNING, huge_pages], cwd=REPO, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    said, eligible = run.stdout.splitlines()
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        on_request = "[madvise]" in f.read()
+    if huge_pages == "off":
+        assert said == "glibc mallopt set; no huge pages"
+        assert eligible == "heap THPeligible: ['0']" or not on_request, run.stdout
+    elif on_request:
+        assert "MiB in transparent huge pages" in said and eligible == "heap THPeligible: ['1']", run.stdout
+    else:
+        assert "transparent huge pages as the system sets them" in said, run.stdout
+
+
 _WITHOUT_CPU_PACKAGE = """
 import sys
 sys.modules["medjax.cpu"] = None  # Importing medjax.cpu now fails.

@@ -13,6 +13,7 @@ Every piece can be switched off (`Options`, from `config.cpu`); benchmarks/cpu_a
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ class Options(NamedTuple):
 
     compiler_options: bool = True  # Per-model XLA:CPU options (`compiler_options`).
     malloc: bool = True  # glibc keeps freed memory for the next step (`tune_process`).
+    huge_pages: bool = True  # With `malloc`: glibc's heap in transparent huge pages (`tune_process`).
     small_patches: bool = True  # Patches where the input or output is smaller than the kernel.
     max_pool: bool = True  # Max pool with a fused gradient (ResNet's stem).
     pool_first: bool = True  # Paper CNN blocks: pool before normalising.
@@ -94,23 +96,68 @@ _MALLOPT = {
 
 def tune_process(options: Options = Options()) -> str:
     """Makes glibc's malloc keep XLA:CPU's big per-step buffers in one heap for the next step instead of
-    returning them to the OS and faulting them in again, page by page; returns what was done. Call it
-    before JAX starts its threads. Does nothing off Linux/glibc or when `options.malloc` is off."""
+    returning them to the OS and faulting them in again, page by page, and backs that heap with
+    transparent huge pages; returns what was done. Call it before JAX starts its threads. Does nothing
+    off Linux/glibc or when `options.malloc` is off."""
     if not options.malloc:
         return "allocator unchanged (config.cpu.malloc=False)"
-    return _tune_malloc()
-
-
-def _tune_malloc() -> str:
     if not sys.platform.startswith("linux"):
         return f"allocator unchanged (platform {sys.platform})"
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return "allocator unchanged (no glibc mallopt)"
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     refused = [param for param, value in _MALLOPT.items() if mallopt(param, value) != 1]
-    return "glibc mallopt set" + (f" (refused: {refused})" if refused else "")
+    if refused:
+        return f"glibc mallopt set (refused: {refused})"
+    return "glibc mallopt set; " + (_huge_page_heap(libc) if options.huge_pages else "no huge pages")
+
+
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_MADV_HUGEPAGE = 14
+
+
+def _huge_page_heap(libc) -> str:
+    """What glibc's `glibc.malloc.hugetlb=1` tunable does, without restarting the process: grows the heap
+    once to up to half the machine's memory and under the trim threshold (address space: a page costs
+    memory only once it is touched), keeps it and marks it madvise(MADV_HUGEPAGE), so that XLA's large buffers are
+    faulted in and addressed in 2 MiB pages. Only where the kernel gives huge pages on request."""
+    try:
+        with open(_THP_MODE) as f:
+            mode = f.read().strip()
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            strict = f.read().strip() == "2"
+    except OSError:
+        return "no transparent huge pages"
+    if "[madvise]" not in mode:
+        return f"transparent huge pages as the system sets them ({mode})"
+    if strict:
+        return "no huge-page heap (strict overcommit would charge its address space)"
+    libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
+    libc.free.argtypes, libc.free.restype = (ctypes.c_void_p,), None
+    libc.madvise.argtypes, libc.madvise.restype = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+    ), ctypes.c_int
+    chunk = _MALLOPT[-3] // 4  # Under the mmap threshold, so taken from the heap.
+    # Freed back to the heap's top, the reserve must stay under the trim threshold to be kept.
+    reserve = min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2, _MALLOPT[-1] - chunk)
+    blocks = [libc.malloc(chunk) for _ in range(reserve // chunk)]
+    for block in blocks:
+        libc.free(block)
+    with open("/proc/self/maps") as f:
+        heap = [
+            [int(a, 16) for a in line.split()[0].split("-")] for line in f if line.rstrip().endswith("[heap]")
+        ]
+    if not heap:
+        return "no huge-page heap (no [heap] mapping)"
+    start, end = heap[0][0], heap[-1][1]
+    if libc.madvise(start, end - start, _MADV_HUGEPAGE) != 0:
+        return f"no huge-page heap (madvise: {os.strerror(ctypes.get_errno())})"
+    return f"heap of {(end - start) >> 20} MiB in transparent huge pages"
 
 
 def status() -> str:
