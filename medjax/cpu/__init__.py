@@ -121,9 +121,10 @@ _MADV_HUGEPAGE = 14
 
 def _huge_page_heap(libc) -> str:
     """What glibc's `glibc.malloc.hugetlb=1` tunable does, without restarting the process: grows the heap
-    once to up to half the machine's memory and under the trim threshold (address space: a page costs
-    memory only once it is touched), keeps it and marks it madvise(MADV_HUGEPAGE), so that XLA's large buffers are
-    faulted in and addressed in 2 MiB pages. Only where the kernel gives huge pages on request."""
+    once, to at most half the machine's memory and under the trim threshold (address space: a page costs
+    memory only once it is touched), keeps it and marks it madvise(MADV_HUGEPAGE), so that XLA's large
+    buffers are faulted in and addressed in 2 MiB pages. Only where the kernel gives huge pages on
+    request."""
     try:
         with open(_THP_MODE) as f:
             mode = f.read().strip()
@@ -137,11 +138,8 @@ def _huge_page_heap(libc) -> str:
         return "no huge-page heap (strict overcommit would charge its address space)"
     libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
     libc.free.argtypes, libc.free.restype = (ctypes.c_void_p,), None
-    libc.madvise.argtypes, libc.madvise.restype = (
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-    ), ctypes.c_int
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.madvise.restype = ctypes.c_int
     chunk = _MALLOPT[-3] // 4  # Under the mmap threshold, so taken from the heap.
     # Freed back to the heap's top, the reserve must stay under the trim threshold to be kept.
     reserve = min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2, _MALLOPT[-1] - chunk)
