@@ -102,18 +102,19 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values), 0, 255).astype(np.uint8)
 
 
-def _read_pil(path, max_pixels: int) -> Decoded:
+def _read_pil(source, max_pixels: int) -> Decoded:
     notes = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `max_pixels` decides.
-            with Image.open(path, formats=("PNG", "JPEG")) as image:
+            with Image.open(source, formats=("PNG", "JPEG")) as image:
                 _check_size(*image.size, max_pixels)
                 if getattr(image, "n_frames", 1) > 1:
                     notes.append(f"first of {image.n_frames} frames")
                 image.load()
-                if image.getexif().get(ORIENTATION, 1) != 1:
-                    notes.append(f"EXIF orientation {image.getexif()[ORIENTATION]} applied")
+                orientation = image.getexif().get(ORIENTATION, 1)
+                if orientation != 1:
+                    notes.append(f"EXIF orientation {orientation} applied")
                     image = ImageOps.exif_transpose(image)
                 mode = image.mode
                 if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -165,12 +166,12 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
 
 
-def _read_dicom(path, max_pixels: int) -> Decoded:
+def _read_dicom(source, max_pixels: int) -> Decoded:
     import pydicom
     from pydicom import pixels as dicom_pixels
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(source, force=True)
     except Exception as e:  # pydicom raises many types on damaged files.
         raise ImageError(f"not a readable DICOM file: {type(e).__name__}: {e}") from e
     if "PixelData" not in ds:
